@@ -1,0 +1,1070 @@
+//! The native nftables backend: observe over netlink, apply a plan as one transaction.
+//!
+//! rustables encodes the table, the base chain and the sets; [`netlink`] encodes what rustables
+//! 0.9 cannot: interval set elements (NFTA_SET_ELEM_FLAGS / NFT_SET_ELEM_INTERVAL_END), rules
+//! (masquerade flags for `fully-random`, rule comments, raw expression lists of recorded
+//! rules), rule deletion by handle, element and rule dumps, and the batch itself.
+
+pub mod netlink;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use rustables::sys;
+use rustables::{
+    Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Set, Table,
+};
+
+use crate::plan::{
+    Change, ForeignRule, Observed, ObservedChain, ObservedRule, ObservedSet, ObservedTable,
+    RuleSpec, CHAIN, CHAIN_PRIORITY, TABLE,
+};
+use crate::policy::{Family, Range};
+use crate::state::{hex, unhex, RemovedRule};
+use netlink::{Attrs, NlError, Socket, Transaction, Writer, MAX_NEST, NLM_F_APPEND, NLM_F_CREATE};
+
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const NFT_TYPE_IPADDR: u32 = 7;
+const NFT_TYPE_IP6ADDR: u32 = 8;
+const NFTA_TARGET_NAME: u16 = 1;
+const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
+const IFNAMSIZ: usize = 16;
+const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
+/// nft's set userdata: key byte order (what `nft -f` writes for address sets).
+const SET_USERDATA: [u8; 6] = [1, 4, 1, 0, 0, 0];
+
+fn a(x: impl TryInto<u16>) -> u16 {
+    x.try_into().unwrap_or(u16::MAX)
+}
+
+fn nfproto(f: Family) -> u8 {
+    match f {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    }
+}
+
+fn fam_kw(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// Retries a read-only netlink exchange that a concurrent change interrupted.
+fn retry<T>(mut f: impl FnMut() -> Result<T, NlError>) -> Result<T, NlError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(NlError::Interrupted) if tries < 10 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// The ruleset generation. Equals `nft list ruleset` reading its generation id.
+pub fn genid(sock: &mut Socket) -> Result<u32, NlError> {
+    let msgs = sock.request(
+        sys::NFT_MSG_GETGEN,
+        libc::AF_UNSPEC as u8,
+        "get ruleset generation",
+        |_| {},
+    )?;
+    msgs.iter()
+        .find_map(|m| m.attrs().get(a(sys::NFTA_GEN_ID)).and_then(|x| x.be32()))
+        .ok_or_else(|| NlError::Malformed("generation message without NFTA_GEN_ID".into()))
+}
+
+/// Whether `table inet masqd` exists. Equals `nft list table inet masqd` succeeding.
+fn table_exists(sock: &mut Socket) -> Result<bool, NlError> {
+    let tables = retry(|| {
+        sock.dump(
+            sys::NFT_MSG_GETTABLE,
+            NFPROTO_INET,
+            "list tables inet",
+            |_| {},
+        )
+    })?;
+    Ok(tables
+        .iter()
+        .any(|m| m.attrs().get(a(sys::NFTA_TABLE_NAME)).and_then(|x| x.str()) == Some(TABLE)))
+}
+
+/// Reads everything the plan needs. Equals `nft -j list table inet masqd` plus
+/// `nft -j list chain ip nat POSTROUTING` and `… ip6 nat POSTROUTING`.
+pub fn observe(sock: &mut Socket) -> Result<Observed> {
+    let genid = genid(sock).context("reading the ruleset generation")?;
+    let table = if table_exists(sock)? {
+        Some(observe_table(sock)?)
+    } else {
+        None
+    };
+    let mut foreign = Vec::new();
+    for f in Family::ALL {
+        foreign.extend(observe_foreign(sock, f)?);
+    }
+    Ok(Observed {
+        genid,
+        table,
+        foreign,
+    })
+}
+
+fn observe_table(sock: &mut Socket) -> Result<ObservedTable> {
+    let mut t = ObservedTable::default();
+    let chains = retry(|| {
+        sock.dump(
+            sys::NFT_MSG_GETCHAIN,
+            NFPROTO_INET,
+            "list chains inet",
+            |_| {},
+        )
+    })?;
+    for m in &chains {
+        let at = m.attrs();
+        if at.get(a(sys::NFTA_CHAIN_TABLE)).and_then(|x| x.str()) != Some(TABLE) {
+            continue;
+        }
+        let name = at
+            .get(a(sys::NFTA_CHAIN_NAME))
+            .and_then(|x| x.str())
+            .unwrap_or_default()
+            .to_string();
+        if name != CHAIN {
+            t.other_chains.push(name);
+            continue;
+        }
+        let hook = at.get(a(sys::NFTA_CHAIN_HOOK));
+        let hooknum = hook
+            .and_then(|h| h.nested().get(a(sys::NFTA_HOOK_HOOKNUM)))
+            .and_then(|x| x.be32());
+        let prio = hook
+            .and_then(|h| h.nested().get(a(sys::NFTA_HOOK_PRIORITY)))
+            .and_then(|x| x.be32());
+        let policy = at.get(a(sys::NFTA_CHAIN_POLICY)).and_then(|x| x.be32());
+        let ty = at.get(a(sys::NFTA_CHAIN_TYPE)).and_then(|x| x.str());
+        let base_ok = hooknum == Some(libc::NF_INET_POST_ROUTING as u32)
+            && prio == Some(CHAIN_PRIORITY as u32)
+            && policy == Some(libc::NF_ACCEPT as u32)
+            && ty == Some("nat");
+        let rules = list_rules(sock, NFPROTO_INET, TABLE, CHAIN)?
+            .into_iter()
+            .map(|r| ObservedRule {
+                handle: r.handle,
+                comment: r.comment,
+                packets: r.packets,
+            })
+            .collect();
+        t.chain = Some(ObservedChain { base_ok, rules });
+    }
+    let sets = retry(|| {
+        sock.dump(
+            sys::NFT_MSG_GETSET,
+            NFPROTO_INET,
+            "list sets inet masqd",
+            |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
+        )
+    })?;
+    for m in &sets {
+        let at = m.attrs();
+        if at.get(a(sys::NFTA_SET_TABLE)).and_then(|x| x.str()) != Some(TABLE) {
+            continue;
+        }
+        let Some(name) = at.get(a(sys::NFTA_SET_NAME)).and_then(|x| x.str()) else {
+            continue;
+        };
+        let flags = at
+            .get(a(sys::NFTA_SET_FLAGS))
+            .and_then(|x| x.be32())
+            .unwrap_or(0);
+        let key_type = at.get(a(sys::NFTA_SET_KEY_TYPE)).and_then(|x| x.be32());
+        let key_len = at.get(a(sys::NFTA_SET_KEY_LEN)).and_then(|x| x.be32());
+        let family = match (key_type, key_len) {
+            (Some(NFT_TYPE_IPADDR), Some(4)) => Some(Family::V4),
+            (Some(NFT_TYPE_IP6ADDR), Some(16)) => Some(Family::V6),
+            _ => None,
+        };
+        let interval = flags == libc::NFT_SET_INTERVAL as u32;
+        let ranges = match family {
+            Some(f) if interval => list_ranges(sock, name, f)?,
+            _ => None,
+        };
+        t.sets.insert(
+            name.to_string(),
+            ObservedSet {
+                family,
+                interval,
+                ranges,
+            },
+        );
+    }
+    Ok(t)
+}
+
+/// Reads the elements of an interval set back as ranges. Equals
+/// `nft list set inet masqd <name>`. None when the elements do not form intervals.
+pub fn list_ranges(sock: &mut Socket, set: &str, f: Family) -> Result<Option<Vec<Range>>> {
+    let msgs = retry(|| {
+        sock.dump(
+            sys::NFT_MSG_GETSETELEM,
+            NFPROTO_INET,
+            &format!("list set inet {TABLE} {set}"),
+            |w| {
+                w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
+                w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
+            },
+        )
+    })?;
+    let mut elems: Vec<(u128, bool)> = Vec::new();
+    for m in &msgs {
+        let Some(list) = m.attrs().get(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS)) else {
+            continue;
+        };
+        for e in list.nested() {
+            let ea = e.nested();
+            let key = ea
+                .get(a(sys::NFTA_SET_ELEM_KEY))
+                .and_then(|k| k.nested().get(a(sys::NFTA_DATA_VALUE)))
+                .and_then(|v| f.addr_from_bytes(v.data));
+            let Some(key) = key else {
+                return Ok(None);
+            };
+            let flags = ea
+                .get(a(sys::NFTA_SET_ELEM_FLAGS))
+                .and_then(|x| x.be32())
+                .unwrap_or(0);
+            elems.push((key, flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0));
+        }
+    }
+    Ok(elements_to_ranges(elems, f.max()))
+}
+
+/// Pairs interval elements (start, or end = one past the last address) into ranges. An end
+/// element without an open interval (nft writes one at address 0) is ignored.
+pub fn elements_to_ranges(mut elems: Vec<(u128, bool)>, top: u128) -> Option<Vec<Range>> {
+    // At the same key, the end of the previous interval sorts before the next start.
+    elems.sort_by_key(|&(k, end)| (k, !end));
+    let mut out = Vec::new();
+    let mut open: Option<u128> = None;
+    for (k, end) in elems {
+        match (end, open) {
+            (false, None) => open = Some(k),
+            (false, Some(_)) => return None,
+            (true, Some(s)) => {
+                if k <= s {
+                    return None;
+                }
+                out.push(Range {
+                    start: s,
+                    end: k - 1,
+                });
+                open = None;
+            }
+            (true, None) => {}
+        }
+    }
+    if let Some(s) = open {
+        // Only an interval reaching the top of the address space has no end element.
+        out.push(Range { start: s, end: top });
+    }
+    Some(out)
+}
+
+/// A rule read from the kernel.
+#[derive(Debug, Clone)]
+pub struct KernelRule {
+    /// Handle.
+    pub handle: u64,
+    /// Comment from its userdata.
+    pub comment: Option<String>,
+    /// Counter packets, if it has a counter.
+    pub packets: Option<u64>,
+    /// Raw NFTA_RULE_EXPRESSIONS payload.
+    pub expressions: Vec<u8>,
+    /// Raw NFTA_RULE_USERDATA payload.
+    pub userdata: Option<Vec<u8>>,
+}
+
+/// Lists the rules of a chain. Equals `nft -a list chain <family> <table> <chain>`.
+pub fn list_rules(
+    sock: &mut Socket,
+    family: u8,
+    table: &str,
+    chain: &str,
+) -> Result<Vec<KernelRule>> {
+    let what = format!("list chain {} {table} {chain}", family_name(family));
+    let msgs = match retry(|| {
+        sock.dump(sys::NFT_MSG_GETRULE, family, &what, |w| {
+            w.put_str(a(sys::NFTA_RULE_TABLE), table);
+            w.put_str(a(sys::NFTA_RULE_CHAIN), chain);
+        })
+    }) {
+        Ok(m) => m,
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for m in &msgs {
+        let at = m.attrs();
+        if at.get(a(sys::NFTA_RULE_TABLE)).and_then(|x| x.str()) != Some(table)
+            || at.get(a(sys::NFTA_RULE_CHAIN)).and_then(|x| x.str()) != Some(chain)
+        {
+            continue;
+        }
+        let Some(handle) = at.get(a(sys::NFTA_RULE_HANDLE)).and_then(|x| x.be64()) else {
+            continue;
+        };
+        let expressions = at
+            .get(a(sys::NFTA_RULE_EXPRESSIONS))
+            .map(|x| x.data.to_vec())
+            .unwrap_or_default();
+        let userdata = at.get(a(sys::NFTA_RULE_USERDATA)).map(|x| x.data.to_vec());
+        let comment = userdata.as_deref().and_then(udata_comment);
+        let packets = exprs(&expressions)
+            .into_iter()
+            .find(|(n, _)| n == "counter")
+            .and_then(|(_, d)| {
+                Attrs(d)
+                    .get(a(sys::NFTA_COUNTER_PACKETS))
+                    .and_then(|x| x.be64())
+            });
+        out.push(KernelRule {
+            handle,
+            comment,
+            packets,
+            expressions,
+            userdata,
+        });
+    }
+    Ok(out)
+}
+
+fn family_name(f: u8) -> &'static str {
+    match f {
+        NFPROTO_INET => "inet",
+        NFPROTO_IPV4 => "ip",
+        NFPROTO_IPV6 => "ip6",
+        _ => "?",
+    }
+}
+
+/// (name, data) of each expression in an NFTA_RULE_EXPRESSIONS payload.
+fn exprs(list: &[u8]) -> Vec<(String, &[u8])> {
+    Attrs(list)
+        .filter(|e| e.ty == a(sys::NFTA_LIST_ELEM))
+        .map(|e| {
+            let at = e.nested();
+            let name = at
+                .get(a(sys::NFTA_EXPR_NAME))
+                .and_then(|x| x.str())
+                .unwrap_or_default()
+                .to_string();
+            let data = at
+                .get(a(sys::NFTA_EXPR_DATA))
+                .map(|x| x.data)
+                .unwrap_or(&[]);
+            (name, data)
+        })
+        .collect()
+}
+
+/// The comment in libnftnl's rule userdata TLVs.
+fn udata_comment(u: &[u8]) -> Option<String> {
+    let mut i = 0;
+    while i + 2 <= u.len() {
+        let (ty, len) = (u[i], u[i + 1] as usize);
+        let val = u.get(i + 2..i + 2 + len)?;
+        if ty == NFTNL_UDATA_RULE_COMMENT {
+            let end = val.iter().position(|&b| b == 0).unwrap_or(val.len());
+            return std::str::from_utf8(&val[..end]).ok().map(str::to_string);
+        }
+        i += 2 + len;
+    }
+    None
+}
+
+fn udata_with_comment(c: &str) -> Vec<u8> {
+    let mut v = vec![NFTNL_UDATA_RULE_COMMENT, (c.len() + 1) as u8];
+    v.extend_from_slice(c.as_bytes());
+    v.push(0);
+    v
+}
+
+/// Broad masquerade rules in `<family> nat POSTROUTING`, as iptables-nft writes them
+/// (`-s <cidr> [! -o <if>] -j MASQUERADE`). Equals `nft -a list chain ip nat POSTROUTING`.
+fn observe_foreign(sock: &mut Socket, f: Family) -> Result<Vec<ForeignRule>> {
+    let family = nfproto(f);
+    let tables = retry(|| sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {}))?;
+    let has_nat = tables
+        .iter()
+        .any(|m| m.attrs().get(a(sys::NFTA_TABLE_NAME)).and_then(|x| x.str()) == Some("nat"));
+    if !has_nat {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for r in list_rules(sock, family, "nat", "POSTROUTING")? {
+        if let Some((saddr, oif_neq)) = match_default_rule(f, &r.expressions) {
+            out.push(ForeignRule {
+                table_family: f,
+                table: "nat".into(),
+                chain: "POSTROUTING".into(),
+                handle: r.handle,
+                saddr,
+                oif_neq,
+                expressions: r.expressions,
+                userdata: r.userdata,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Recognises `[oifname != X] ip saddr <cidr> [counter] masquerade` in any order of matches,
+/// with nothing else. Returns the source CIDR and the excluded interface.
+pub fn match_default_rule(f: Family, list: &[u8]) -> Option<(IpNet, Option<String>)> {
+    let ex = exprs(list);
+    let (saddr_off, alen) = match f {
+        Family::V4 => (12u32, 4usize),
+        Family::V6 => (8, 16),
+    };
+    let mut saddr: Option<IpNet> = None;
+    let mut oif: Option<String> = None;
+    let mut masq = false;
+    let mut i = 0;
+    while i < ex.len() {
+        let (name, data) = (&ex[i].0, Attrs(ex[i].1));
+        if masq {
+            return None; // nothing may follow the verdict
+        }
+        match name.as_str() {
+            "counter" => i += 1,
+            "masq" => {
+                masq = true;
+                i += 1;
+            }
+            "target" => {
+                if data.get(NFTA_TARGET_NAME).and_then(|x| x.str()) != Some("MASQUERADE") {
+                    return None;
+                }
+                masq = true;
+                i += 1;
+            }
+            "meta" => {
+                let key = data.get(a(sys::NFTA_META_KEY)).and_then(|x| x.be32())?;
+                let (cname, cdata) = ex.get(i + 1)?;
+                if key != sys::NFT_META_OIFNAME || cname != "cmp" || oif.is_some() {
+                    return None;
+                }
+                let c = Attrs(cdata);
+                if c.get(a(sys::NFTA_CMP_OP)).and_then(|x| x.be32()) != Some(sys::NFT_CMP_NEQ) {
+                    return None;
+                }
+                let val = c
+                    .get(a(sys::NFTA_CMP_DATA))
+                    .and_then(|d| d.nested().get(a(sys::NFTA_DATA_VALUE)))?;
+                let end = val.data.iter().position(|&b| b == 0);
+                let name = std::str::from_utf8(&val.data[..end.unwrap_or(val.data.len())]).ok()?;
+                // Without a terminating NUL it is a prefix match (`docker+`).
+                oif = Some(if end.is_some() {
+                    name.to_string()
+                } else {
+                    format!("{name}+")
+                });
+                i += 2;
+            }
+            "payload" => {
+                if saddr.is_some() {
+                    return None;
+                }
+                let base = data.get(a(sys::NFTA_PAYLOAD_BASE)).and_then(|x| x.be32())?;
+                let off = data
+                    .get(a(sys::NFTA_PAYLOAD_OFFSET))
+                    .and_then(|x| x.be32())?;
+                let len = data.get(a(sys::NFTA_PAYLOAD_LEN)).and_then(|x| x.be32())? as usize;
+                if base != sys::NFT_PAYLOAD_NETWORK_HEADER
+                    || off != saddr_off
+                    || len == 0
+                    || len > alen
+                {
+                    return None;
+                }
+                let mut j = i + 1;
+                let mut mask: Option<Vec<u8>> = None;
+                if ex.get(j).map(|e| e.0.as_str()) == Some("bitwise") {
+                    let b = Attrs(ex[j].1);
+                    let m = b
+                        .get(a(sys::NFTA_BITWISE_MASK))
+                        .and_then(|d| d.nested().get(a(sys::NFTA_DATA_VALUE)))?;
+                    let x = b
+                        .get(a(sys::NFTA_BITWISE_XOR))
+                        .and_then(|d| d.nested().get(a(sys::NFTA_DATA_VALUE)))?;
+                    if x.data.iter().any(|&v| v != 0) || m.data.len() != len {
+                        return None;
+                    }
+                    mask = Some(m.data.to_vec());
+                    j += 1;
+                }
+                let (cname, cdata) = ex.get(j)?;
+                if cname != "cmp" {
+                    return None;
+                }
+                let c = Attrs(cdata);
+                if c.get(a(sys::NFTA_CMP_OP)).and_then(|x| x.be32()) != Some(sys::NFT_CMP_EQ) {
+                    return None;
+                }
+                let val = c
+                    .get(a(sys::NFTA_CMP_DATA))
+                    .and_then(|d| d.nested().get(a(sys::NFTA_DATA_VALUE)))?;
+                if val.data.len() != len {
+                    return None;
+                }
+                let prefix = match &mask {
+                    None => len * 8,
+                    Some(m) => {
+                        let ones: u32 = m.iter().map(|b| b.count_ones()).sum();
+                        // the mask must be contiguous leading ones
+                        let mut expect = vec![0u8; len];
+                        for (bit, byte) in (0..ones as usize).map(|b| (b, b / 8)) {
+                            expect[byte] |= 0x80 >> (bit % 8);
+                        }
+                        if &expect != m {
+                            return None;
+                        }
+                        ones as usize
+                    }
+                };
+                let mut full = vec![0u8; alen];
+                full[..len].copy_from_slice(val.data);
+                let addr = f.addr_from_bytes(&full)?;
+                let net = match f {
+                    Family::V4 => {
+                        IpNet::V4(ipnet::Ipv4Net::new((addr as u32).into(), prefix as u8).ok()?)
+                    }
+                    Family::V6 => IpNet::V6(ipnet::Ipv6Net::new(addr.into(), prefix as u8).ok()?),
+                };
+                if net.trunc() != net {
+                    return None;
+                }
+                saddr = Some(net);
+                i = j + 1;
+            }
+            _ => return None,
+        }
+    }
+    if masq {
+        saddr.map(|s| (s, oif))
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+fn put_expr(w: &mut Writer, name: &str, body: impl FnOnce(&mut Writer)) {
+    let el = w.nest_begin(a(sys::NFTA_LIST_ELEM));
+    w.put_str(a(sys::NFTA_EXPR_NAME), name);
+    let d = w.nest_begin(a(sys::NFTA_EXPR_DATA));
+    body(w);
+    w.nest_end(d);
+    w.nest_end(el);
+}
+
+fn put_data_value(w: &mut Writer, ty: u16, value: &[u8]) {
+    let n = w.nest_begin(ty);
+    w.put(a(sys::NFTA_DATA_VALUE), value);
+    w.nest_end(n);
+}
+
+fn expr_meta(w: &mut Writer, key: u32) {
+    put_expr(w, "meta", |w| {
+        w.put_be32(a(sys::NFTA_META_KEY), key);
+        w.put_be32(a(sys::NFTA_META_DREG), sys::NFT_REG_1);
+    });
+}
+
+fn expr_cmp_eq(w: &mut Writer, value: &[u8]) {
+    put_expr(w, "cmp", |w| {
+        w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
+        w.put_be32(a(sys::NFTA_CMP_OP), sys::NFT_CMP_EQ);
+        put_data_value(w, a(sys::NFTA_CMP_DATA), value);
+    });
+}
+
+fn expr_payload_nh(w: &mut Writer, offset: u32, len: u32) {
+    put_expr(w, "payload", |w| {
+        w.put_be32(a(sys::NFTA_PAYLOAD_DREG), sys::NFT_REG_1);
+        w.put_be32(a(sys::NFTA_PAYLOAD_BASE), sys::NFT_PAYLOAD_NETWORK_HEADER);
+        w.put_be32(a(sys::NFTA_PAYLOAD_OFFSET), offset);
+        w.put_be32(a(sys::NFTA_PAYLOAD_LEN), len);
+    });
+}
+
+fn expr_lookup(w: &mut Writer, set: &str) {
+    put_expr(w, "lookup", |w| {
+        w.put_str(a(sys::NFTA_LOOKUP_SET), set);
+        w.put_be32(a(sys::NFTA_LOOKUP_SREG), sys::NFT_REG_1);
+    });
+}
+
+fn expr_counter(w: &mut Writer) {
+    put_expr(w, "counter", |w| {
+        w.put_be64(a(sys::NFTA_COUNTER_BYTES), 0);
+        w.put_be64(a(sys::NFTA_COUNTER_PACKETS), 0);
+    });
+}
+
+fn expr_return(w: &mut Writer) {
+    put_expr(w, "immediate", |w| {
+        w.put_be32(a(sys::NFTA_IMMEDIATE_DREG), sys::NFT_REG_VERDICT);
+        let d = w.nest_begin(a(sys::NFTA_IMMEDIATE_DATA));
+        let v = w.nest_begin(a(sys::NFTA_DATA_VERDICT));
+        w.put_be32(a(sys::NFTA_VERDICT_CODE), libc::NFT_RETURN as u32);
+        w.nest_end(v);
+        w.nest_end(d);
+    });
+}
+
+fn expr_masq(w: &mut Writer, random_fully: bool) {
+    put_expr(w, "masq", |w| {
+        if random_fully {
+            w.put_be32(a(sys::NFTA_MASQ_FLAGS), NF_NAT_RANGE_PROTO_RANDOM_FULLY);
+        }
+    });
+}
+
+/// `ip saddr @set` / `ip6 daddr @set` in an inet table: `meta nfproto` check, payload, lookup.
+fn match_addr_set(w: &mut Writer, f: Family, source: bool, set: &str, with_proto: bool) {
+    if with_proto {
+        expr_meta(w, sys::NFT_META_NFPROTO);
+        expr_cmp_eq(w, &[nfproto(f)]);
+    }
+    let (off, len) = match (f, source) {
+        (Family::V4, true) => (12, 4),
+        (Family::V4, false) => (16, 4),
+        (Family::V6, true) => (8, 16),
+        (Family::V6, false) => (24, 16),
+    };
+    expr_payload_nh(w, off, len);
+    expr_lookup(w, set);
+}
+
+/// Encodes the expressions of one of masqd's rules.
+fn encode_rule_exprs(w: &mut Writer, r: &RuleSpec) {
+    match r {
+        RuleSpec::BridgeReturn(b) => {
+            expr_meta(w, sys::NFT_META_OIFNAME);
+            let mut name = [0u8; IFNAMSIZ];
+            let n = b.len().min(IFNAMSIZ - 1);
+            name[..n].copy_from_slice(&b.as_bytes()[..n]);
+            expr_cmp_eq(w, &name);
+            expr_return(w);
+        }
+        RuleSpec::Except(f) => {
+            match_addr_set(w, *f, true, &crate::plan::pod_set(*f), true);
+            match_addr_set(w, *f, false, &crate::plan::nomasq_set(*f), false);
+            expr_counter(w);
+            expr_return(w);
+        }
+        RuleSpec::Masquerade {
+            family,
+            random_fully,
+        } => {
+            match_addr_set(w, *family, true, &crate::plan::pod_set(*family), true);
+            expr_counter(w);
+            expr_masq(w, *random_fully);
+        }
+    }
+}
+
+fn element(w: &mut Writer, f: Family, key: u128, end: bool) {
+    let el = w.nest_begin(a(sys::NFTA_LIST_ELEM));
+    put_data_value(w, a(sys::NFTA_SET_ELEM_KEY), &f.key_bytes(key));
+    if end {
+        w.put_be32(
+            a(sys::NFTA_SET_ELEM_FLAGS),
+            libc::NFT_SET_ELEM_INTERVAL_END as u32,
+        );
+    }
+    w.nest_end(el);
+}
+
+/// Adds NEWSETELEM/DELSETELEM messages for `ranges`, split so that no attribute nest exceeds
+/// 16 bits. Each range is a start element and, unless it ends at the top of the address space,
+/// an INTERVAL_END element at one past its last address. Equals
+/// `nft add element inet masqd <set> { a-b, … }` (or `delete element`).
+fn element_messages(txn: &mut Transaction, add: bool, set: &str, f: Family, ranges: &[Range]) {
+    let kind = if add {
+        sys::NFT_MSG_NEWSETELEM
+    } else {
+        sys::NFT_MSG_DELSETELEM
+    };
+    let flags = if add { NLM_F_CREATE } else { 0 };
+    let verb = if add { "add" } else { "delete" };
+    let top = f.max();
+    let mut i = 0;
+    while i < ranges.len() {
+        let first = i;
+        txn.begin_raw(kind, flags, NFPROTO_INET, String::new());
+        let w = txn.writer();
+        w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
+        w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
+        let list = w.nest_begin(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS));
+        while i < ranges.len() && w.nest_len(list) < MAX_NEST {
+            let r = ranges[i];
+            element(w, f, r.start, false);
+            if r.end < top {
+                element(w, f, r.end + 1, true);
+            }
+            i += 1;
+        }
+        w.nest_end(list);
+        txn.end_raw();
+        let desc = if i - first == 1 {
+            ranges[first].display(f)
+        } else {
+            format!(
+                "{} … {} ({} intervals)",
+                ranges[first].display(f),
+                ranges[i - 1].display(f),
+                i - first
+            )
+        };
+        txn.set_last_what(format!("{verb} element inet {TABLE} {set} {{ {desc} }}"));
+    }
+}
+
+fn inet_table() -> Table {
+    Table::new(ProtocolFamily::Inet).with_name(TABLE)
+}
+
+fn set_object(name: &str) -> Set {
+    // rustables' Set defaults to family Unspec, which the kernel answers with ENOENT.
+    let mut set = Set::default().with_table(TABLE).with_name(name);
+    set.family = ProtocolFamily::Inet;
+    set
+}
+
+/// Builds the transaction for a plan. Every change maps to the nft command in its `Display`.
+pub fn transaction(changes: &[Change], genid: Option<u32>) -> Transaction {
+    let mut txn = Transaction::new(genid);
+    let mut set_id = 1u32;
+    for c in changes {
+        let what = c.to_string();
+        match c {
+            Change::AddTable => txn.add_objects(what, |b| b.add(&inet_table(), MsgType::Add)),
+            Change::AddChain => txn.add_objects(what, |b| {
+                let chain = Chain::new(&inet_table())
+                    .with_name(CHAIN)
+                    .with_hook(Hook::new(HookClass::PostRouting, CHAIN_PRIORITY))
+                    .with_policy(ChainPolicy::Accept)
+                    .with_type(ChainType::Nat);
+                b.add(&chain, MsgType::Add)
+            }),
+            Change::DeleteChain(name) => txn.add_objects(what, |b| {
+                b.add(
+                    &Chain::new(&inet_table()).with_name(name.as_str()),
+                    MsgType::Del,
+                )
+            }),
+            Change::FlushChain(name) => {
+                txn.message(sys::NFT_MSG_DELRULE, 0, NFPROTO_INET, what, |w| {
+                    w.put_str(a(sys::NFTA_RULE_TABLE), TABLE);
+                    w.put_str(a(sys::NFTA_RULE_CHAIN), name);
+                })
+            }
+            Change::DeleteRule { handle, .. } => {
+                txn.message(sys::NFT_MSG_DELRULE, 0, NFPROTO_INET, what, |w| {
+                    w.put_str(a(sys::NFTA_RULE_TABLE), TABLE);
+                    w.put_str(a(sys::NFTA_RULE_CHAIN), CHAIN);
+                    w.put_be64(a(sys::NFTA_RULE_HANDLE), *handle);
+                })
+            }
+            Change::DeleteSet(name) => {
+                txn.add_objects(what, |b| b.add(&set_object(name), MsgType::Del))
+            }
+            Change::AddSet { name, family } => {
+                let (ty, len) = match family {
+                    Family::V4 => (NFT_TYPE_IPADDR, 4u32),
+                    Family::V6 => (NFT_TYPE_IP6ADDR, 16u32),
+                };
+                let set = set_object(name)
+                    .with_flags(libc::NFT_SET_INTERVAL as u32)
+                    .with_key_type(ty)
+                    .with_key_len(len)
+                    .with_id(set_id)
+                    .with_userdata(SET_USERDATA.to_vec());
+                set_id += 1;
+                txn.add_objects(what, |b| b.add(&set, MsgType::Add))
+            }
+            Change::DeleteElements {
+                set,
+                family,
+                ranges,
+            } => element_messages(&mut txn, false, set, *family, ranges),
+            Change::AddElements {
+                set,
+                family,
+                ranges,
+            } => element_messages(&mut txn, true, set, *family, ranges),
+            Change::AddRule(r) => txn.message(
+                sys::NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                NFPROTO_INET,
+                what,
+                |w| {
+                    w.put_str(a(sys::NFTA_RULE_TABLE), TABLE);
+                    w.put_str(a(sys::NFTA_RULE_CHAIN), CHAIN);
+                    let l = w.nest_begin(a(sys::NFTA_RULE_EXPRESSIONS));
+                    encode_rule_exprs(w, r);
+                    w.nest_end(l);
+                    w.put(a(sys::NFTA_RULE_USERDATA), &udata_with_comment(&r.tag()));
+                },
+            ),
+            Change::RemoveDefaultRule(r) => txn.message(
+                sys::NFT_MSG_DELRULE,
+                0,
+                nfproto(r.table_family),
+                what,
+                |w| {
+                    w.put_str(a(sys::NFTA_RULE_TABLE), &r.table);
+                    w.put_str(a(sys::NFTA_RULE_CHAIN), &r.chain);
+                    w.put_be64(a(sys::NFTA_RULE_HANDLE), r.handle);
+                },
+            ),
+        }
+    }
+    txn
+}
+
+/// The record that lets teardown put a removed default rule back.
+pub fn record_of(r: &ForeignRule) -> RemovedRule {
+    RemovedRule {
+        backend: "nft".into(),
+        family: fam_kw(r.table_family).into(),
+        table: r.table.clone(),
+        chain: r.chain.clone(),
+        description: r.describe(),
+        saddr: r.saddr.to_string(),
+        oif_neq: r.oif_neq.clone(),
+        expressions_hex: hex(&r.expressions),
+        userdata_hex: r.userdata.as_deref().map(hex),
+    }
+}
+
+/// Applies changes as one transaction. Equals `nft -f` of the plan's lines, atomically.
+pub fn apply(sock: &mut Socket, changes: &[Change], genid: Option<u32>) -> Result<(), NlError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    sock.commit(transaction(changes, genid))
+}
+
+/// Removes masqd's table and puts the recorded default rules back, in one transaction.
+/// Equals `nft delete table inet masqd` plus `nft add rule ip nat POSTROUTING …` per record.
+/// Returns the records that were not restored because an identical rule is present already,
+/// plus those restored.
+pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
+    let genid = genid(sock)?;
+    let mut txn = Transaction::new(Some(genid));
+    if table_exists(sock)? {
+        txn.add_objects(format!("delete table inet {TABLE}"), |b| {
+            b.add(&inet_table(), MsgType::Del)
+        });
+    }
+    let mut restored = 0;
+    for rec in records.iter().filter(|r| r.backend == "nft") {
+        let f = match rec.family.as_str() {
+            "ip" => Family::V4,
+            "ip6" => Family::V6,
+            other => anyhow::bail!("state record with unknown family {other:?}"),
+        };
+        let present = observe_foreign(sock, f)?.into_iter().any(|r| {
+            r.table == rec.table
+                && r.chain == rec.chain
+                && r.saddr.to_string() == rec.saddr
+                && r.oif_neq == rec.oif_neq
+        });
+        if present {
+            continue;
+        }
+        let exprs = unhex(&rec.expressions_hex)
+            .with_context(|| format!("state record of {}: bad expressions_hex", rec.description))?;
+        let udata = match &rec.userdata_hex {
+            Some(h) => Some(unhex(h).with_context(|| {
+                format!("state record of {}: bad userdata_hex", rec.description)
+            })?),
+            None => None,
+        };
+        let what = format!("add rule {}", rec.description);
+        txn.message(
+            sys::NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            nfproto(f),
+            what,
+            |w| {
+                w.put_str(a(sys::NFTA_RULE_TABLE), &rec.table);
+                w.put_str(a(sys::NFTA_RULE_CHAIN), &rec.chain);
+                let l = w.nest_begin(a(sys::NFTA_RULE_EXPRESSIONS));
+                w.raw(&exprs);
+                w.nest_end(l);
+                if let Some(u) = &udata {
+                    w.put(a(sys::NFTA_RULE_USERDATA), u);
+                }
+            },
+        );
+        restored += 1;
+    }
+    sock.commit(txn)?;
+    Ok(restored)
+}
+
+/// Renders the ruleset masqd installs for a policy, as an `nft -f` file.
+pub fn export(p: &crate::policy::Policy) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "table inet {TABLE} {{");
+    for (name, (f, ranges)) in crate::plan::desired_sets(p) {
+        let _ = writeln!(s, "\tset {name} {{");
+        let _ = writeln!(s, "\t\ttype {f}_addr");
+        let _ = writeln!(s, "\t\tflags interval");
+        if !ranges.is_empty() {
+            let items: Vec<String> = ranges.iter().map(|r| r.display(f)).collect();
+            let _ = writeln!(s, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
+        }
+        let _ = writeln!(s, "\t}}");
+    }
+    let _ = writeln!(s, "\tchain {CHAIN} {{");
+    let _ = writeln!(
+        s,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
+    for r in crate::plan::desired_rules(p) {
+        let _ = writeln!(s, "\t\t{}", r.nft());
+    }
+    let _ = writeln!(s, "\t}}");
+    let _ = writeln!(s, "}}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: u128, b: u128) -> Range {
+        Range { start: a, end: b }
+    }
+
+    #[test]
+    fn ranges_from_elements() {
+        // nft's leading end element at 0, adjacent intervals, an open top interval.
+        let e = vec![
+            (0, true),
+            (10, false),
+            (20, true),
+            (20, false),
+            (30, true),
+            (100, false),
+        ];
+        assert_eq!(
+            elements_to_ranges(e, u32::MAX as u128),
+            Some(vec![r(10, 19), r(20, 29), r(100, u32::MAX as u128)])
+        );
+        assert_eq!(elements_to_ranges(vec![(1, false), (2, false)], 7), None);
+    }
+
+    #[test]
+    fn udata_roundtrip() {
+        assert_eq!(
+            udata_comment(&udata_with_comment("masqd:except:4")).as_deref(),
+            Some("masqd:except:4")
+        );
+    }
+
+    fn iptables_nft_rule(
+        f: Family,
+        saddr: &[u8],
+        plen: u32,
+        mask: Option<&[u8]>,
+        oif: Option<&[u8]>,
+        target: &str,
+    ) -> Vec<u8> {
+        let mut w = Writer::default();
+        if let Some(o) = oif {
+            expr_meta(&mut w, sys::NFT_META_OIFNAME);
+            put_expr(&mut w, "cmp", |w| {
+                w.put_be32(a(sys::NFTA_CMP_SREG), 1);
+                w.put_be32(a(sys::NFTA_CMP_OP), sys::NFT_CMP_NEQ);
+                put_data_value(w, a(sys::NFTA_CMP_DATA), o);
+            });
+        }
+        let off = if f == Family::V4 { 12 } else { 8 };
+        expr_payload_nh(&mut w, off, plen);
+        if let Some(m) = mask {
+            put_expr(&mut w, "bitwise", |w| {
+                put_data_value(w, a(sys::NFTA_BITWISE_MASK), m);
+                put_data_value(w, a(sys::NFTA_BITWISE_XOR), &vec![0; m.len()]);
+            });
+        }
+        expr_cmp_eq(&mut w, saddr);
+        expr_counter(&mut w);
+        if target == "masq" {
+            expr_masq(&mut w, false);
+        } else {
+            put_expr(&mut w, "target", |w| w.put_str(NFTA_TARGET_NAME, target));
+        }
+        w.into_bytes()
+    }
+
+    #[test]
+    fn default_rule_matcher() {
+        let b = iptables_nft_rule(
+            Family::V4,
+            &[172, 7, 21],
+            3,
+            None,
+            Some(b"docker0\0"),
+            "MASQUERADE",
+        );
+        assert_eq!(
+            match_default_rule(Family::V4, &b),
+            Some(("172.7.21.0/24".parse().unwrap(), Some("docker0".into())))
+        );
+        let b = iptables_nft_rule(
+            Family::V4,
+            &[10, 0, 0, 0],
+            4,
+            Some(&[255, 255, 240, 0]),
+            None,
+            "masq",
+        );
+        assert_eq!(
+            match_default_rule(Family::V4, &b),
+            Some(("10.0.0.0/20".parse().unwrap(), None))
+        );
+        // A non-contiguous mask, another target: not the default rule.
+        let b = iptables_nft_rule(
+            Family::V4,
+            &[10, 0, 0, 0],
+            4,
+            Some(&[255, 0, 255, 0]),
+            None,
+            "masq",
+        );
+        assert_eq!(match_default_rule(Family::V4, &b), None);
+        let b = iptables_nft_rule(Family::V4, &[10, 0, 0], 3, None, None, "SNAT");
+        assert_eq!(match_default_rule(Family::V4, &b), None);
+        let b = iptables_nft_rule(
+            Family::V6,
+            &[0xfd, 0, 0, 7, 0, 0x21, 0, 0],
+            8,
+            None,
+            Some(b"docker"),
+            "MASQUERADE",
+        );
+        assert_eq!(
+            match_default_rule(Family::V6, &b),
+            Some(("fd00:7:21::/64".parse().unwrap(), Some("docker+".into())))
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! masqd: owns the pod-network masquerade policy of a Linux node.
+//!
+//! Pipeline: [`config`] → [`policy`] (pure) → [`plan`] against what the backend observed (pure)
+//! → [`backend`] applies the changes as one transaction. [`engine`] strings them together for
+//! the one-shot commands.
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod plan;
+pub mod policy;
+pub mod state;

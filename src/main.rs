@@ -1,0 +1,138 @@
+//! The `masqd` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use masqd::config::DEFAULT_CONFIG_PATH;
+use masqd::engine::{self, Paths};
+use masqd::state::DEFAULT_STATE_DIR;
+
+/// masqd keeps the pod-network masquerade policy of this node true: pod traffic leaving the
+/// cluster is masqueraded, traffic to the cluster and other exception CIDRs keeps the pod's IP.
+#[derive(Parser, Debug)]
+#[command(name = "masqd", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Where masqd records the default rules it removed (for teardown).
+    #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make the kernel match the configuration (idempotent; exit 0 when done or in sync).
+    Apply,
+    /// Print what `apply` would change, nft-like; exit 0 when nothing, 2 when changes are
+    /// pending, 1 on error.
+    Plan,
+    /// Show the backend, whether the kernel is in sync, set sizes and packet counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the ruleset masqd would install, as an `nft -f` file.
+    Export,
+    /// Remove masqd's table and put back the default rules it removed.
+    Teardown,
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("masqd: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let paths = Paths {
+        config: cli.config.clone(),
+        state_dir: cli.state_dir.clone(),
+    };
+    if let Command::Teardown = cli.command {
+        let n = engine::teardown(&paths)?;
+        println!("removed table inet masqd; restored {n} default rule(s)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (_cfg, policy) = engine::load(&paths.config)?;
+    match &cli.command {
+        Command::Apply => {
+            let changes = engine::apply(&paths, &policy)?;
+            if changes.is_empty() {
+                println!("in sync: nothing to change");
+            } else {
+                for c in &changes {
+                    println!("{}", c.summary());
+                }
+                tracing::info!(changes = changes.len(), "applied");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan => {
+            let mut sock = masqd::backend::nft::netlink::Socket::open()?;
+            let (_o, changes) = engine::observe_and_plan(&mut sock, &policy)?;
+            if changes.is_empty() {
+                println!("# in sync: nothing to change");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for c in &changes {
+                println!("{c}");
+            }
+            Ok(ExitCode::from(2))
+        }
+        Command::Status { json } => {
+            let st = engine::status(&policy)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("backend:              {}", st.backend);
+                println!(
+                    "in sync:              {}",
+                    if st.in_sync {
+                        "yes".to_string()
+                    } else {
+                        format!(
+                            "no ({} pending changes; see `masqd plan`)",
+                            st.pending_changes
+                        )
+                    }
+                );
+                for (name, n) in &st.sets {
+                    println!("set {name:<17} {n} interval(s)");
+                }
+                println!("masqueraded packets:  {}", st.masqueraded_packets);
+                println!("excepted packets:     {}", st.excepted_packets);
+                println!("default rules left:   {}", st.default_rules_present);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export => {
+            print!("{}", masqd::backend::nft::export(&policy));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Teardown => unreachable!("handled above"),
+    }
+}

@@ -1,0 +1,325 @@
+//! Config → Policy: aggregated, validated address sets per family. Pure.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::config::Config;
+
+/// An address family masqd handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// Highest address of the family as an integer.
+    pub fn max(self) -> u128 {
+        match self {
+            Family::V4 => u32::MAX as u128,
+            Family::V6 => u128::MAX,
+        }
+    }
+
+    /// Key length in bytes.
+    pub fn addr_len(self) -> usize {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 16,
+        }
+    }
+
+    /// Suffix used in set names (`pod4`, `nomasq6`).
+    pub fn digit(self) -> char {
+        match self {
+            Family::V4 => '4',
+            Family::V6 => '6',
+        }
+    }
+
+    /// The family of a network.
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    /// Big-endian key bytes of an address given as an integer.
+    pub fn key_bytes(self, addr: u128) -> Vec<u8> {
+        match self {
+            Family::V4 => (addr as u32).to_be_bytes().to_vec(),
+            Family::V6 => addr.to_be_bytes().to_vec(),
+        }
+    }
+
+    /// The address integer of big-endian key bytes (None when the length is wrong).
+    pub fn addr_from_bytes(self, b: &[u8]) -> Option<u128> {
+        match self {
+            Family::V4 => Some(u32::from_be_bytes(b.try_into().ok()?) as u128),
+            Family::V6 => Some(u128::from_be_bytes(b.try_into().ok()?)),
+        }
+    }
+
+    /// Formats an address integer of this family.
+    pub fn fmt_addr(self, addr: u128) -> String {
+        match self {
+            Family::V4 => Ipv4Addr::from(addr as u32).to_string(),
+            Family::V6 => Ipv6Addr::from(addr).to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        })
+    }
+}
+
+/// An inclusive range of addresses of one family, as integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Range {
+    /// First address.
+    pub start: u128,
+    /// Last address (inclusive).
+    pub end: u128,
+}
+
+impl Range {
+    /// The range a network covers.
+    pub fn of_net(net: &IpNet) -> Range {
+        match net {
+            IpNet::V4(n) => Range {
+                start: u32::from(n.network()) as u128,
+                end: u32::from(n.broadcast()) as u128,
+            },
+            IpNet::V6(n) => Range {
+                start: u128::from(n.network()),
+                end: u128::from(n.broadcast()),
+            },
+        }
+    }
+
+    /// Formats as a CIDR when the range is one, else as `first-last` (nft syntax).
+    pub fn display(&self, family: Family) -> String {
+        let bits = family.addr_len() as u32 * 8;
+        for host in 0..=bits {
+            let mask = if host == 128 {
+                u128::MAX
+            } else {
+                (1u128 << host) - 1
+            };
+            if self.start & mask != 0 {
+                break;
+            }
+            if self.start | mask == self.end {
+                return format!("{}/{}", family.fmt_addr(self.start), bits - host);
+            }
+        }
+        format!(
+            "{}-{}",
+            family.fmt_addr(self.start),
+            family.fmt_addr(self.end)
+        )
+    }
+}
+
+/// Sorts and merges overlapping and adjacent ranges into the minimal disjoint list.
+pub fn normalize(mut ranges: Vec<Range>) -> Vec<Range> {
+    ranges.sort();
+    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if let Some(last) = out.last_mut() {
+            if last.end == u128::MAX || r.start <= last.end + 1 {
+                if r.end > last.end {
+                    last.end = r.end;
+                }
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// Whether `addr` lies in one of the (normalized) `ranges`.
+pub fn contains(ranges: &[Range], addr: u128) -> bool {
+    let idx = ranges.partition_point(|r| r.end < addr);
+    ranges.get(idx).is_some_and(|r| r.start <= addr)
+}
+
+/// The policy for one address family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyPolicy {
+    /// This node's pod CIDRs as configured (deduplicated, in order).
+    pub configured_pod_cidrs: Vec<IpNet>,
+    /// This node's pod CIDRs, aggregated.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The exception CIDRs (cluster ∪ non-masquerade), aggregated.
+    pub exception_cidrs: Vec<IpNet>,
+    /// Pod CIDRs as merged ranges: the contents of set `pod4`/`pod6`.
+    pub pod: Vec<Range>,
+    /// Exceptions as merged ranges: the contents of set `nomasq4`/`nomasq6`.
+    pub nomasq: Vec<Range>,
+}
+
+/// The whole policy of a node. A family is present when the node has pod CIDRs in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// IPv4 part, when the node has IPv4 pods.
+    pub v4: Option<FamilyPolicy>,
+    /// IPv6 part, when the node has IPv6 pods.
+    pub v6: Option<FamilyPolicy>,
+    /// Output interfaces whose traffic is never touched.
+    pub bridges: Vec<String>,
+    /// Masquerade with fully randomised source ports.
+    pub random_fully: bool,
+    /// Remove the broad default masquerade rule for the pod CIDRs.
+    pub replace_default_rule: bool,
+}
+
+impl Policy {
+    /// Builds the policy of a validated configuration.
+    pub fn from_config(cfg: &Config) -> Policy {
+        let fam = |family: Family| -> Option<FamilyPolicy> {
+            let mut pods: Vec<IpNet> = Vec::new();
+            for n in cfg.pod_cidrs.iter().filter(|n| Family::of(n) == family) {
+                if !pods.contains(n) {
+                    pods.push(*n);
+                }
+            }
+            if pods.is_empty() {
+                return None;
+            }
+            let exceptions: Vec<IpNet> = cfg
+                .cluster_cidrs
+                .iter()
+                .chain(cfg.nonmasquerade_cidrs.iter())
+                .filter(|n| Family::of(n) == family)
+                .cloned()
+                .collect();
+            let pod_cidrs = aggregate(&pods);
+            let exception_cidrs = aggregate(&exceptions);
+            Some(FamilyPolicy {
+                pod: normalize(pod_cidrs.iter().map(Range::of_net).collect()),
+                nomasq: normalize(exception_cidrs.iter().map(Range::of_net).collect()),
+                configured_pod_cidrs: pods,
+                pod_cidrs,
+                exception_cidrs,
+            })
+        };
+        Policy {
+            v4: fam(Family::V4),
+            v6: fam(Family::V6),
+            bridges: cfg.bridge_interfaces.clone(),
+            random_fully: cfg.random_fully,
+            replace_default_rule: cfg.replace_default_rule,
+        }
+    }
+
+    /// The policy of one family.
+    pub fn family(&self, f: Family) -> Option<&FamilyPolicy> {
+        match f {
+            Family::V4 => self.v4.as_ref(),
+            Family::V6 => self.v6.as_ref(),
+        }
+    }
+}
+
+/// ipnet's aggregate, per family, IPv4 first.
+pub fn aggregate(nets: &[IpNet]) -> Vec<IpNet> {
+    let v4: Vec<Ipv4Net> = nets
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Net> = nets
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) => Some(*n),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    Ipv4Net::aggregate(&v4)
+        .into_iter()
+        .map(IpNet::V4)
+        .chain(Ipv6Net::aggregate(&v6).into_iter().map(IpNet::V6))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn r(a: u128, b: u128) -> Range {
+        Range { start: a, end: b }
+    }
+
+    #[test]
+    fn normalize_merges_overlap_and_adjacency() {
+        assert_eq!(
+            normalize(vec![r(10, 20), r(0, 4), r(5, 9), r(15, 30), r(40, 40)]),
+            vec![r(0, 30), r(40, 40)]
+        );
+        assert_eq!(
+            normalize(vec![r(0, u128::MAX), r(5, 6)]),
+            vec![r(0, u128::MAX)]
+        );
+    }
+
+    #[test]
+    fn contains_works() {
+        let rs = vec![r(0, 4), r(10, 20)];
+        assert!(contains(&rs, 0) && contains(&rs, 4) && contains(&rs, 15));
+        assert!(!contains(&rs, 5) && !contains(&rs, 21));
+    }
+
+    #[test]
+    fn display_ranges() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(Range::of_net(&n).display(Family::V4), "10.0.0.0/8");
+        assert_eq!(r(1, 2).display(Family::V4), "0.0.0.1-0.0.0.2");
+        let top: IpNet = "ffff::/16".parse().unwrap();
+        assert_eq!(Range::of_net(&top).display(Family::V6), "ffff::/16");
+        assert_eq!(r(5, 5).display(Family::V4), "0.0.0.5/32");
+    }
+
+    #[test]
+    fn policy_from_config() {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            r#"
+[node]
+pod_cidrs = ["172.7.21.0/24"]
+[masquerade]
+cluster_cidrs = ["172.7.0.0/16", "10.0.0.0/25"]
+nonmasquerade_cidrs = ["10.0.0.128/25", "172.7.3.0/24", "fd00::/8"]
+"#,
+        )
+        .unwrap();
+        let p = Policy::from_config(&cfg);
+        let v4 = p.v4.unwrap();
+        assert_eq!(
+            v4.exception_cidrs,
+            vec![
+                "10.0.0.0/24".parse::<IpNet>().unwrap(),
+                "172.7.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(v4.nomasq.len(), 2);
+        assert!(p.v6.is_none(), "no IPv6 pods → no IPv6 policy");
+    }
+}
