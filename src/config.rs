@@ -240,22 +240,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
 
-    let mode =
-        match &raw.backend.mode {
-            None => BackendMode::Auto,
-            Some(m) => match m.get_ref().as_str() {
-                "auto" => BackendMode::Auto,
-                "nft" => BackendMode::Nft,
-                "legacy" => BackendMode::Legacy,
-                other => return Err(err(
+    let mode = match &raw.backend.mode {
+        None => BackendMode::Auto,
+        Some(m) => match m.get_ref().as_str() {
+            "auto" => BackendMode::Auto,
+            "nft" => BackendMode::Nft,
+            "legacy" => BackendMode::Legacy,
+            other => {
+                return Err(err(
                     Some(m.span()),
                     Some("backend.mode"),
                     format!(
                         "unknown backend mode {other:?}; expected \"auto\", \"nft\" or \"legacy\""
                     ),
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
 
     let flannel_subnet_env = raw
         .node

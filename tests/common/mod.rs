@@ -1,0 +1,396 @@
+//! Shared helpers of the integration tests: private network namespaces (removed on drop, even
+//! when a test fails), running masqd inside one, and reading the kernel back through the
+//! independent oracle `nft -j`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Fails loudly when the tests cannot run: they need root for network namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the integration tests create network namespaces and must run as root \
+         (CI runs them as root; locally: sudo -E cargo test)"
+    );
+    for (tool, flag) in [
+        ("ip", "-V"),
+        ("nft", "--version"),
+        ("iptables-nft", "--version"),
+    ] {
+        let ok = Command::new(tool)
+            .arg(flag)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{tool} is required (apt-get install iproute2 nftables iptables)"
+        );
+    }
+}
+
+/// A unique short id for names in this test process.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        require_root();
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace; returns its output whatever the status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("running ip netns exec")
+    }
+
+    /// Runs a command inside the namespace and asserts success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.exec(args);
+        assert!(
+            o.status.success(),
+            "{args:?} in {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ip -n <ns> …`, asserting success.
+    pub fn ip(&self, args: &[&str]) {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v);
+    }
+
+    /// `nft -j list ruleset` parsed.
+    pub fn ruleset(&self) -> Value {
+        serde_json::from_str(&self.ok(&["nft", "-j", "list", "ruleset"])).expect("nft -j output")
+    }
+
+    /// `nft -j list ruleset` as text (for byte-for-byte comparisons).
+    pub fn ruleset_text(&self) -> String {
+        self.ok(&["nft", "-j", "list", "ruleset"])
+    }
+
+    /// Runs masqd in the namespace with a config file and a state dir.
+    pub fn masqd(&self, cfg: &Path, state: &Path, args: &[&str]) -> Output {
+        let bin = env!("CARGO_BIN_EXE_masqd");
+        let cfg = cfg.to_str().unwrap();
+        let state = state.to_str().unwrap();
+        let mut v = vec![bin, "--config", cfg, "--state-dir", state];
+        v.extend_from_slice(args);
+        self.exec(&v)
+    }
+
+    /// Runs masqd and asserts the exit code.
+    pub fn masqd_ok(&self, cfg: &Path, state: &Path, args: &[&str], code: i32) -> String {
+        let o = self.masqd(cfg, state, args);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "masqd {args:?}: stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `f` in a thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs a host command (only `ip` with `-n`/`netns`, never touching the host's firewall).
+pub fn sh(args: &[&str]) {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(unique("masqd-test-"));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The objects of a kind (`table`, `set`, `chain`, `rule`) in an `nft -j` document.
+pub fn objects<'a>(rs: &'a Value, kind: &str) -> Vec<&'a Value> {
+    rs["nftables"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|o| o.get(kind)).collect())
+        .unwrap_or_default()
+}
+
+/// The rules of a chain, rendered compactly (`ip.saddr == @pod4 counter masquerade`).
+pub fn rules(rs: &Value, family: &str, table: &str, chain: &str) -> Vec<(u64, String)> {
+    objects(rs, "rule")
+        .into_iter()
+        .filter(|r| r["family"] == family && r["table"] == table && r["chain"] == chain)
+        .map(|r| {
+            let parts: Vec<String> = r["expr"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(render_expr)
+                .collect();
+            (r["handle"].as_u64().unwrap(), parts.join(" "))
+        })
+        .collect()
+}
+
+fn render_operand(v: &Value) -> String {
+    if let Some(m) = v.get("meta") {
+        return format!("meta.{}", m["key"].as_str().unwrap_or("?"));
+    }
+    if let Some(p) = v.get("payload") {
+        return format!(
+            "{}.{}",
+            p["protocol"].as_str().unwrap_or("?"),
+            p["field"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(p) = v.get("prefix") {
+        return format!("{}/{}", p["addr"].as_str().unwrap_or("?"), p["len"]);
+    }
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn render_expr(e: &Value) -> String {
+    if let Some(m) = e.get("match") {
+        return format!(
+            "{} {} {}",
+            render_operand(&m["left"]),
+            m["op"].as_str().unwrap_or("?"),
+            render_operand(&m["right"])
+        );
+    }
+    if e.get("counter").is_some() {
+        return "counter".into();
+    }
+    if e.get("return").is_some() {
+        return "return".into();
+    }
+    if let Some(m) = e.get("masquerade") {
+        return match m.get("flags") {
+            Some(f) => format!("masquerade({})", render_operand(f)),
+            None => "masquerade".into(),
+        };
+    }
+    if let Some(x) = e.get("xt") {
+        return format!("xt:{}", x["name"].as_str().unwrap_or("?"));
+    }
+    e.to_string()
+}
+
+/// Parses an nft JSON address string of a family into an integer.
+pub fn addr(s: &str) -> (bool, u128) {
+    match s
+        .parse::<IpAddr>()
+        .unwrap_or_else(|_| panic!("address {s}"))
+    {
+        IpAddr::V4(a) => (false, u32::from(a) as u128),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
+/// The inclusive address ranges covered by a set, as `nft -j` shows its elements.
+pub fn set_ranges(rs: &Value, name: &str) -> Option<Vec<(u128, u128)>> {
+    let set = objects(rs, "set").into_iter().find(|s| s["name"] == name)?;
+    let mut out = Vec::new();
+    for e in set["elem"].as_array().cloned().unwrap_or_default() {
+        let e = e.get("elem").map(|x| x["val"].clone()).unwrap_or(e);
+        if let Some(s) = e.as_str() {
+            let (_, a) = addr(s);
+            out.push((a, a));
+        } else if let Some(p) = e.get("prefix") {
+            let (v6, a) = addr(p["addr"].as_str().unwrap());
+            let bits = if v6 { 128 } else { 32 };
+            let len = p["len"].as_u64().unwrap() as u32;
+            let host = bits - len;
+            let mask = if host == 128 {
+                u128::MAX
+            } else {
+                (1u128 << host) - 1
+            };
+            out.push((a, a | mask));
+        } else if let Some(r) = e.get("range") {
+            let (_, a) = addr(r[0].as_str().unwrap());
+            let (_, b) = addr(r[1].as_str().unwrap());
+            out.push((a, b));
+        } else {
+            panic!("unexpected element {e}");
+        }
+    }
+    Some(merge(out))
+}
+
+/// Sorts and merges overlapping or adjacent ranges.
+pub fn merge(mut v: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    v.sort();
+    let mut out: Vec<(u128, u128)> = Vec::new();
+    for (a, b) in v {
+        if let Some(last) = out.last_mut() {
+            if last.1 == u128::MAX || a <= last.1 + 1 {
+                last.1 = last.1.max(b);
+                continue;
+            }
+        }
+        out.push((a, b));
+    }
+    out
+}
+
+/// The inclusive range of a CIDR written as text, computed independently of masqd.
+pub fn cidr_range(s: &str) -> (bool, u128, u128) {
+    let (a, l) = s.split_once('/').unwrap();
+    let (v6, a) = addr(a);
+    let bits = if v6 { 128 } else { 32 };
+    let host = bits - l.parse::<u32>().unwrap();
+    let mask = if host == 128 {
+        u128::MAX
+    } else {
+        (1u128 << host) - 1
+    };
+    (v6, a & !mask, (a & !mask) | mask)
+}
+
+/// Serves one TCP connection in the namespace and reports the peer's IP; returns the address
+/// to dial and a handle yielding the peer.
+pub fn serve_once(ns: &Netns, bind: SocketAddr) -> std::sync::mpsc::Receiver<Option<IpAddr>> {
+    let (tx_ready, rx_ready) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("open netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let l = TcpListener::bind(bind).expect("bind");
+        l.set_nonblocking(true).unwrap();
+        tx_ready.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match l.accept() {
+                Ok((mut s, peer)) => {
+                    let _ = s.write_all(b"hi\n");
+                    let _ = tx.send(Some(peer.ip()));
+                    return;
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+            }
+        }
+    });
+    rx_ready.recv().unwrap();
+    rx
+}
+
+/// Connects from inside `ns` to `to` and reads the greeting; true on success.
+pub fn connect_from(ns: &Netns, to: SocketAddr) -> bool {
+    ns.run(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 3];
+        s.read_exact(&mut buf).is_ok()
+    })
+}
+
+/// The source IP the server in `server_ns` saw for a connection from `client_ns`.
+pub fn seen_source(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    server_ip: IpAddr,
+    port: u16,
+) -> Option<IpAddr> {
+    let bind = match server_ip {
+        IpAddr::V4(_) => SocketAddr::new("0.0.0.0".parse().unwrap(), port),
+        IpAddr::V6(_) => SocketAddr::new("::".parse().unwrap(), port),
+    };
+    let rx = serve_once(server_ns, bind);
+    let ok = connect_from(client_ns, SocketAddr::new(server_ip, port));
+    let seen = rx.recv_timeout(Duration::from_secs(15)).ok().flatten();
+    if ok {
+        seen
+    } else {
+        None
+    }
+}
