@@ -181,7 +181,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         // toml's message carries its own excerpt; keep its first line and use our line number.
-        let msg = e.message().trim().to_string();
+        let msg = e.message().trim().lines().collect::<Vec<_>>().join("; ");
         err(e.span(), None, format!("invalid TOML: {msg}"))
     })?;
 
@@ -337,12 +337,6 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".to_string());
     }
-    if name.len() > IFNAME_MAX {
-        return Err(format!(
-            "is {} bytes long; Linux allows at most {IFNAME_MAX}",
-            name.len()
-        ));
-    }
     if name == "." || name == ".." {
         return Err("is not a valid interface name".to_string());
     }
@@ -359,6 +353,12 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
         };
         return Err(format!(
             "{what}; only letters, digits, '-', '_' and '.' are allowed"
+        ));
+    }
+    if name.len() > IFNAME_MAX {
+        return Err(format!(
+            "is {} bytes long; Linux allows at most {IFNAME_MAX}",
+            name.len()
         ));
     }
     Ok(())
@@ -488,6 +488,13 @@ mode = "nft"
         assert!(c.random_fully);
         assert!(!c.replace_default_rule);
         assert_eq!(c.mode, BackendMode::Nft);
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = p(include_str!("../systemd/masqd.toml")).unwrap();
+        assert_eq!(c.pod_cidrs, vec!["172.7.21.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.mode, BackendMode::Auto);
     }
 
     #[test]

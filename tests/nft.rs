@@ -10,7 +10,7 @@ const BASE: &str = r#"
 [node]
 pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
 [masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/48"]
+cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
 nonmasquerade_cidrs = ["169.254.0.0/16", "255.255.255.0/24", "ffff::/16"]
 bridge_interfaces = ["docker0"]
 "#;
