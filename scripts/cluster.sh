@@ -10,11 +10,15 @@
 # Node A carries the broad default rule, written by iptables-nft as Docker/flannel would:
 #   -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE   (and the IPv6 twin)
 #
-# usage: cluster.sh up PREFIX | down PREFIX
+# With WRITER=legacy the default rule is written by iptables-legacy instead (older Docker).
+#
+# usage: cluster.sh up PREFIX [nft|legacy] | down PREFIX
 set -euo pipefail
 
-cmd=${1:?usage: cluster.sh up|down PREFIX}
-p=${2:?usage: cluster.sh up|down PREFIX}
+cmd=${1:?usage: cluster.sh up|down PREFIX [nft|legacy]}
+p=${2:?usage: cluster.sh up|down PREFIX [nft|legacy]}
+writer=${3:-nft}
+case "$writer" in nft | legacy) ;; *) echo "writer must be nft or legacy" >&2; exit 2 ;; esac
 A=$p-a B=$p-b PA=$p-pa PB=$p-pb OUT=$p-out SW=$p-sw
 
 down() {
@@ -63,8 +67,8 @@ up() {
     ip -n "$A" -6 route add fd00:7:22::/64 via fd00:200::2
     ip -n "$B" route add 172.7.21.0/24 via 10.200.0.1
     ip -n "$B" -6 route add fd00:7:21::/64 via fd00:200::1
-    ip netns exec "$A" iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE
-    ip netns exec "$A" ip6tables-nft -t nat -A POSTROUTING -s fd00:7:21::/64 ! -o docker0 -j MASQUERADE
+    ip netns exec "$A" "iptables-$writer" -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE
+    ip netns exec "$A" "ip6tables-$writer" -t nat -A POSTROUTING -s fd00:7:21::/64 ! -o docker0 -j MASQUERADE
 }
 
 case "$cmd" in

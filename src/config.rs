@@ -22,7 +22,7 @@ pub const IFNAME_MAX: usize = 15;
 /// Which firewall backend masqd writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendMode {
-    /// Decide per address family (until the legacy backend exists: nftables).
+    /// Decide per address family (design.md §4).
     Auto,
     /// Native nftables over netlink.
     Nft,

@@ -1,15 +1,24 @@
-//! The one-shot pipeline: config → policy → observe → plan → apply, with the records of §5.
+//! The one-shot pipeline: config → policy → detect → observe → plan → apply, with the records
+//! of design.md §5, over both backends.
+//!
+//! Each family goes to the backend detection picks. The nftables part of the policy is applied
+//! as one netlink transaction, the legacy part of each family as one
+//! `iptables-legacy-restore --noflush`. The backend that installs the policy goes first and the
+//! one that only removes (stale objects, default rules) second, so there is no moment without a
+//! masquerade rule. The default-rule search covers both backends whatever was chosen.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
+use crate::backend::legacy::{self, LegacyObserved, LegacyPlan};
 use crate::backend::nft::{self, netlink::Socket, netlink::ERESTART};
-use crate::config::{self, BackendMode, Config, ConfigError};
+use crate::config::{self, Config, ConfigError};
+use crate::detect::{self, Backend, Decision, Facts};
 use crate::plan::{self, Change, Observed};
-use crate::policy::Policy;
+use crate::policy::{Family, Policy};
 use crate::state::State;
 
 /// Paths every command takes.
@@ -24,100 +33,295 @@ pub struct Paths {
 /// Loads and validates the configuration and derives the policy.
 pub fn load(path: &Path) -> Result<(Config, Policy), ConfigError> {
     let cfg = config::load(path)?;
-    if cfg.mode == BackendMode::Legacy {
-        return Err(ConfigError {
-            file: cfg.path.clone(),
-            line: None,
-            key: Some("backend.mode".into()),
-            message: "\"legacy\" is not available in this version of masqd (only nftables is); \
-                      use \"nft\" or \"auto\""
-                .into(),
-        });
-    }
     let policy = Policy::from_config(&cfg);
     Ok((cfg, policy))
 }
 
-/// Observes the kernel and plans. Equals `nft -j list ruleset` followed by a diff.
-pub fn observe_and_plan(sock: &mut Socket, policy: &Policy) -> Result<(Observed, Vec<Change>)> {
-    let observed = nft::observe(sock).context("reading the nftables ruleset")?;
-    let changes = plan::plan(policy, &observed);
-    Ok((observed, changes))
+/// Facts and decision of each family.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detection {
+    /// IPv4.
+    pub ipv4: FamilyDetection,
+    /// IPv6.
+    pub ipv6: FamilyDetection,
 }
 
-/// Makes the kernel match the policy. Returns the changes applied (empty when in sync).
-/// The default rules about to be removed are recorded in the state directory first, so a crash
-/// never loses one. A transaction refused because the ruleset changed underneath (generation
-/// mismatch) is re-planned, at most 5 times.
-pub fn apply(paths: &Paths, policy: &Policy) -> Result<Vec<Change>> {
+/// Facts and decision of one family.
+#[derive(Debug, Clone, Serialize)]
+pub struct FamilyDetection {
+    /// Chosen backend.
+    pub backend: Backend,
+    /// Why.
+    pub reason: String,
+    /// What was found.
+    pub facts: Facts,
+}
+
+impl Detection {
+    /// The detection of a family.
+    pub fn family(&self, f: Family) -> &FamilyDetection {
+        match f {
+            Family::V4 => &self.ipv4,
+            Family::V6 => &self.ipv6,
+        }
+    }
+
+    /// Families whose backend is `b`.
+    pub fn families(&self, b: Backend) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.family(*f).backend == b)
+            .collect()
+    }
+}
+
+/// Runs detection for both families. A family without pod CIDRs whose legacy side cannot be
+/// inspected is reported, not fatal; one with pod CIDRs is an error that says how to fix it.
+pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
+    let mut out = Vec::new();
+    for f in Family::ALL {
+        let facts =
+            detect::gather(f, sock).with_context(|| format!("detecting the {f} backend"))?;
+        let d = match detect::decide(cfg.mode, f, &facts) {
+            Ok(d) => d,
+            Err(e) if policy.family(f).is_none() => Decision {
+                backend: Backend::Nft,
+                reason: format!("no {f} pod CIDRs, so nothing to install ({e})"),
+            },
+            Err(e) => return Err(anyhow!(e)),
+        };
+        out.push(FamilyDetection {
+            backend: d.backend,
+            reason: d.reason,
+            facts,
+        });
+    }
+    let ipv6 = out
+        .pop()
+        .ok_or_else(|| anyhow!("internal: no IPv6 detection"))?;
+    let ipv4 = out
+        .pop()
+        .ok_or_else(|| anyhow!("internal: no IPv4 detection"))?;
+    Ok(Detection { ipv4, ipv6 })
+}
+
+/// Everything that would change.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Detection it is based on.
+    pub detection: Detection,
+    /// The nftables observation (its generation guards the transaction).
+    pub observed: Observed,
+    /// nftables changes (one transaction).
+    pub nft: Vec<Change>,
+    /// Legacy plans that change something, per family.
+    pub legacy: Vec<(Family, LegacyPlan)>,
+    /// Legacy observations per family (for status).
+    pub legacy_observed: BTreeMap<Family, LegacyObserved>,
+}
+
+impl Plan {
+    /// Whether nothing needs to change.
+    pub fn is_empty(&self) -> bool {
+        self.nft.is_empty() && self.legacy.is_empty()
+    }
+
+    /// Number of changes.
+    pub fn len(&self) -> usize {
+        self.nft.len()
+            + self
+                .legacy
+                .iter()
+                .map(|(_, p)| p.summary.len().max(1))
+                .sum::<usize>()
+    }
+
+    /// Whether any family's policy lives in legacy xtables.
+    fn legacy_first(&self) -> bool {
+        !self.detection.families(Backend::Legacy).is_empty()
+    }
+}
+
+/// Observes both backends and plans.
+pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Plan> {
+    let detection = detect(cfg, policy, sock)?;
+    let nft_policy = policy.restricted_to(&detection.families(Backend::Nft));
+    let observed = nft::observe(sock).context("reading the nftables ruleset")?;
+    let nft_changes = plan::plan(&nft_policy, &observed);
+    let mut legacy_plans = Vec::new();
+    let mut legacy_observed = BTreeMap::new();
+    for f in Family::ALL {
+        let fd = detection.family(f);
+        let on_legacy = fd.backend == Backend::Legacy;
+        let nat_loaded = fd.facts.legacy_tables.iter().any(|t| t == "nat");
+        if !on_legacy && !nat_loaded {
+            continue;
+        }
+        let Some(bins) = legacy::binaries(f) else {
+            // Detection already refused a legacy family without binaries; a non-legacy
+            // family with legacy nat loaded but no binaries cannot be cleaned: say so.
+            tracing::warn!(
+                "{f}: the legacy nat table is loaded but the iptables-legacy binaries are missing; \
+                 default rules there cannot be removed"
+            );
+            continue;
+        };
+        let lo = legacy::observe(f, &bins)
+            .with_context(|| format!("reading the legacy {f} nat table"))?;
+        let active = if on_legacy {
+            policy
+                .family(f)
+                .map(|fp| (fp, policy.bridges.as_slice(), policy.random_fully))
+        } else {
+            None
+        };
+        let lp = legacy::plan(
+            active,
+            &lo,
+            &policy.default_rule_cidrs,
+            policy.replace_default_rule,
+        );
+        legacy_observed.insert(f, lo);
+        if lp.payload.is_some() {
+            legacy_plans.push((f, lp));
+        }
+    }
+    Ok(Plan {
+        detection,
+        observed,
+        nft: nft_changes,
+        legacy: legacy_plans,
+        legacy_observed,
+    })
+}
+
+/// Makes the kernel match the policy. Returns the plan that was applied (empty when in sync).
+/// Default rules about to be removed are recorded in the state directory first, so a crash
+/// never loses one. An nftables transaction refused because the ruleset changed underneath
+/// (generation mismatch) is re-planned, at most 5 times.
+pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
     let state = State::new(&paths.state_dir);
     let mut sock = Socket::open().context("opening netlink")?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (observed, changes) = observe_and_plan(&mut sock, policy)?;
-        if changes.is_empty() {
-            return Ok(changes);
+        let p = make_plan(cfg, policy, &mut sock)?;
+        if p.is_empty() {
+            return Ok(p);
         }
-        let records: Vec<_> = changes
+        let mut records: Vec<_> = p
+            .nft
             .iter()
             .filter_map(|c| match c {
                 Change::RemoveDefaultRule(r) => Some(nft::record_of(r)),
                 _ => None,
             })
             .collect();
+        for (f, lp) in &p.legacy {
+            for (spec, saddr, oif) in &lp.removed_defaults {
+                records.push(legacy::record_of(*f, spec, saddr, oif));
+            }
+        }
         if !records.is_empty() {
             state
                 .record(&records)
                 .context("recording the default rules before removing them")?;
         }
-        match nft::apply(&mut sock, &changes, Some(observed.genid)) {
-            Ok(()) => return Ok(changes),
+        let legacy_first = p.legacy_first();
+        if legacy_first {
+            apply_legacy(&p)?;
+        }
+        match nft::apply(&mut sock, &p.nft, Some(p.observed.genid)) {
+            Ok(()) => {}
             Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {
-                tracing::info!("ruleset changed while planning; planning again");
+                tracing::info!("nftables ruleset changed while planning; planning again");
                 continue;
             }
-            Err(e) => return Err(e).context("applying the changes"),
+            Err(e) => return Err(e).context("applying the nftables changes"),
         }
+        if !legacy_first {
+            apply_legacy(&p)?;
+        }
+        return Ok(p);
     }
+}
+
+fn apply_legacy(p: &Plan) -> Result<()> {
+    for (f, lp) in &p.legacy {
+        let Some(payload) = &lp.payload else { continue };
+        let bins = legacy::binaries(*f)
+            .ok_or_else(|| anyhow!("{f}: the iptables-legacy binaries disappeared from PATH"))?;
+        legacy::apply(&bins, payload)
+            .with_context(|| format!("applying the legacy {f} changes:\n{payload}"))?;
+    }
+    Ok(())
 }
 
 /// What `masqd status` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// Backend in use.
+    /// Backend in use: `nft`, `legacy`, or per family (`ipv4:legacy ipv6:nft`).
     pub backend: String,
+    /// Backend of each family.
+    pub backends: BTreeMap<String, Backend>,
     /// Whether the kernel matches the policy.
     pub in_sync: bool,
     /// Number of pending changes.
     pub pending_changes: usize,
     /// Whether `table inet masqd` exists.
     pub table_present: bool,
-    /// Intervals per set (as read from the kernel).
+    /// Intervals per nftables set, or rules of the legacy chain (`legacy-ipv4`).
     pub sets: BTreeMap<String, usize>,
     /// Packets counted by the masquerade rules.
     pub masqueraded_packets: u64,
     /// Packets counted by the exception rules.
     pub excepted_packets: u64,
-    /// Broad default rules for the pod CIDRs still present.
+    /// Broad default rules for the pod CIDRs still present (both backends).
     pub default_rules_present: usize,
 }
 
 /// Reads the status.
-pub fn status(policy: &Policy) -> Result<Status> {
+pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
     let mut sock = Socket::open().context("opening netlink")?;
-    let (observed, changes) = observe_and_plan(&mut sock, policy)?;
+    let p = make_plan(cfg, policy, &mut sock)?;
+    let present: Vec<Family> = Family::ALL
+        .into_iter()
+        .filter(|f| policy.family(*f).is_some())
+        .collect();
+    let mut backends = BTreeMap::new();
+    for f in &present {
+        backends.insert(f.to_string(), p.detection.family(*f).backend);
+    }
+    let distinct: std::collections::BTreeSet<Backend> = backends.values().copied().collect();
+    let backend = if distinct.len() == 1 {
+        distinct
+            .iter()
+            .next()
+            .map(|b| b.to_string())
+            .unwrap_or_default()
+    } else {
+        backends
+            .iter()
+            .map(|(f, b)| format!("{f}:{b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let mut st = Status {
-        backend: "nft".into(),
-        in_sync: changes.is_empty(),
-        pending_changes: changes.len(),
-        table_present: observed.table.is_some(),
+        backend,
+        backends,
+        in_sync: p.is_empty(),
+        pending_changes: p.len(),
+        table_present: p.observed.table.is_some(),
         sets: BTreeMap::new(),
         masqueraded_packets: 0,
         excepted_packets: 0,
-        default_rules_present: plan::default_rules_to_remove(policy, &observed.foreign).len(),
+        default_rules_present: plan::default_rules_to_remove(policy, &p.observed.foreign).len()
+            + p.legacy
+                .iter()
+                .map(|(_, l)| l.removed_defaults.len())
+                .sum::<usize>(),
     };
-    if let Some(t) = &observed.table {
+    if let Some(t) = &p.observed.table {
         for (name, s) in &t.sets {
             st.sets
                 .insert(name.clone(), s.ranges.as_ref().map_or(0, Vec::len));
@@ -125,26 +329,39 @@ pub fn status(policy: &Policy) -> Result<Status> {
         if let Some(ch) = &t.chain {
             for r in &ch.rules {
                 let c = r.comment.as_deref().unwrap_or_default();
-                let p = r.packets.unwrap_or(0);
+                let n = r.packets.unwrap_or(0);
                 if c.starts_with("masqd:masquerade:") {
-                    st.masqueraded_packets += p;
+                    st.masqueraded_packets += n;
                 } else if c.starts_with("masqd:except:") {
-                    st.excepted_packets += p;
+                    st.excepted_packets += n;
                 }
+            }
+        }
+    }
+    for (f, lo) in &p.legacy_observed {
+        if !lo.chain_exists {
+            continue;
+        }
+        st.sets.insert(format!("legacy-{f}"), lo.chain_rules.len());
+        for (rule, n) in lo.chain_rules.iter().zip(&lo.chain_packets) {
+            if rule.ends_with("-j MASQUERADE") || rule.contains("-j MASQUERADE ") {
+                st.masqueraded_packets += n;
+            } else if rule.contains(" -d ") && rule.ends_with("-j RETURN") {
+                st.excepted_packets += n;
             }
         }
     }
     Ok(st)
 }
 
-/// Removes masqd's table and restores the recorded default rules. Returns how many rules were
-/// put back.
+/// Removes masqd's objects from both backends and restores the recorded default rules.
+/// Returns how many rules were put back.
 pub fn teardown(paths: &Paths) -> Result<usize> {
     let state = State::new(&paths.state_dir);
     let records = state.load()?;
     let mut sock = Socket::open().context("opening netlink")?;
     let mut attempt = 0;
-    let restored = loop {
+    let mut restored = loop {
         attempt += 1;
         match nft::teardown(&mut sock, &records) {
             Ok(n) => break n,
@@ -156,13 +373,59 @@ pub fn teardown(paths: &Paths) -> Result<usize> {
             {
                 continue
             }
-            Err(e) => return Err(e).context("tearing down"),
+            Err(e) => return Err(e).context("tearing down nftables"),
         }
     };
-    let left: Vec<_> = records.into_iter().filter(|r| r.backend != "nft").collect();
+    let mut left: Vec<_> = Vec::new();
+    for f in Family::ALL {
+        let fam = match f {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        };
+        let recs: Vec<_> = records
+            .iter()
+            .filter(|r| r.backend == "legacy" && r.family == fam)
+            .collect();
+        let loaded = legacy::tables_loaded(f).unwrap_or_default();
+        if recs.is_empty() && !loaded.iter().any(|t| t == "nat") {
+            continue;
+        }
+        let Some(bins) = legacy::binaries(f) else {
+            if !recs.is_empty() {
+                left.extend(recs.into_iter().cloned());
+                tracing::error!(
+                    "{f}: recorded legacy rules but no iptables-legacy binaries to restore them"
+                );
+            }
+            continue;
+        };
+        let lo = legacy::observe(f, &bins)?;
+        if let Some(payload) = legacy::teardown_payload(&lo, &recs) {
+            legacy::apply(&bins, &payload)
+                .with_context(|| format!("tearing down legacy {f}:\n{payload}"))?;
+            restored += recs
+                .iter()
+                .filter(|r| {
+                    r.legacy_rule
+                        .as_ref()
+                        .is_some_and(|s| !lo.postrouting.contains(s))
+                })
+                .count();
+        }
+    }
+    left.extend(
+        records
+            .iter()
+            .filter(|r| r.backend != "nft" && r.backend != "legacy")
+            .cloned(),
+    );
     state.store(&left)?;
     if !left.is_empty() {
-        bail!("some records are of a backend this version cannot restore");
+        return Err(anyhow!(
+            "{} recorded rule(s) could not be restored; they stay in {}",
+            left.len(),
+            paths.state_dir.display()
+        ));
     }
     Ok(restored)
 }

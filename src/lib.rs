@@ -5,7 +5,9 @@
 //! the one-shot commands.
 pub mod backend;
 pub mod config;
+pub mod detect;
 pub mod engine;
+pub mod exec;
 pub mod plan;
 pub mod policy;
 pub mod state;

@@ -43,6 +43,12 @@ enum Command {
     Export,
     /// Remove masqd's table and put back the default rules it removed.
     Teardown,
+    /// Show which backend (nftables or legacy xtables) each family uses, the facts and why.
+    Detect {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_tracing(level: &str) {
@@ -74,37 +80,33 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     if let Command::Teardown = cli.command {
         let n = engine::teardown(&paths)?;
-        println!("removed table inet masqd; restored {n} default rule(s)");
+        println!("removed masqd's rules; restored {n} default rule(s)");
         return Ok(ExitCode::SUCCESS);
     }
-    let (_cfg, policy) = engine::load(&paths.config)?;
+    let (cfg, policy) = engine::load(&paths.config)?;
     match &cli.command {
         Command::Apply => {
-            let changes = engine::apply(&paths, &policy)?;
-            if changes.is_empty() {
+            let p = engine::apply(&paths, &cfg, &policy)?;
+            if p.is_empty() {
                 println!("in sync: nothing to change");
             } else {
-                for c in &changes {
-                    println!("{}", c.summary());
-                }
-                tracing::info!(changes = changes.len(), "applied");
+                print_changes(&p, false);
+                tracing::info!(changes = p.len(), "applied");
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan => {
             let mut sock = masqd::backend::nft::netlink::Socket::open()?;
-            let (_o, changes) = engine::observe_and_plan(&mut sock, &policy)?;
-            if changes.is_empty() {
+            let p = engine::make_plan(&cfg, &policy, &mut sock)?;
+            if p.is_empty() {
                 println!("# in sync: nothing to change");
                 return Ok(ExitCode::SUCCESS);
             }
-            for c in &changes {
-                println!("{c}");
-            }
+            print_changes(&p, true);
             Ok(ExitCode::from(2))
         }
         Command::Status { json } => {
-            let st = engine::status(&policy)?;
+            let st = engine::status(&cfg, &policy)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -121,11 +123,49 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     }
                 );
                 for (name, n) in &st.sets {
-                    println!("set {name:<17} {n} interval(s)");
+                    if name.starts_with("legacy-") {
+                        println!("chain {name:<15} {n} rule(s)");
+                    } else {
+                        println!("set {name:<17} {n} interval(s)");
+                    }
                 }
                 println!("masqueraded packets:  {}", st.masqueraded_packets);
                 println!("excepted packets:     {}", st.excepted_packets);
                 println!("default rules left:   {}", st.default_rules_present);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Detect { json } => {
+            let mut sock = masqd::backend::nft::netlink::Socket::open()?;
+            let d = engine::detect(&cfg, &policy, &mut sock)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                for f in masqd::policy::Family::ALL {
+                    let fd = d.family(f);
+                    println!("{f}: {} — {}", fd.backend, fd.reason);
+                    let x = &fd.facts;
+                    for (b, p) in &x.binaries {
+                        println!("    {b:<26} {}", p.as_deref().unwrap_or("(not found)"));
+                    }
+                    println!(
+                        "    legacy tables loaded       {}",
+                        if x.legacy_tables.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            x.legacy_tables.join(", ")
+                        }
+                    );
+                    println!("    legacy rules               {}", x.legacy_rules);
+                    println!("    legacy hint chains         {:?}", x.legacy_hint_chains);
+                    println!("    legacy masqd chain         {}", x.legacy_masqd);
+                    if let Some(e) = &x.legacy_error {
+                        println!("    legacy error               {e}");
+                    }
+                    println!("    nftables rules             {}", x.nft_rules);
+                    println!("    nftables hint chains       {:?}", x.nft_hint_chains);
+                    println!("    nftables masqd objects     {}", x.nft_masqd);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -134,5 +174,27 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Teardown => unreachable!("handled above"),
+    }
+}
+
+fn print_changes(p: &engine::Plan, full: bool) {
+    for c in &p.nft {
+        if full {
+            println!("{c}");
+        } else {
+            println!("{}", c.summary());
+        }
+    }
+    for (f, lp) in &p.legacy {
+        let (_, restore, _) = masqd::backend::legacy::binary_names(*f);
+        if full {
+            println!("# {f}: {restore} --noflush --wait <<EOF");
+            print!("{}", lp.payload.as_deref().unwrap_or_default());
+            println!("EOF");
+        } else {
+            for s in &lp.summary {
+                println!("{f} legacy: {s}");
+            }
+        }
     }
 }

@@ -223,6 +223,8 @@ pub struct Observed {
 pub enum Change {
     /// `add table inet masqd`
     AddTable,
+    /// `delete table inet masqd` (no family is left for nftables)
+    DeleteTable,
     /// `flush chain inet masqd <name>` (a chain that is not masqd's, or a broken base chain)
     FlushChain(String),
     /// `delete chain inet masqd <name>`
@@ -297,6 +299,7 @@ impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Change::AddTable => write!(f, "add table inet {TABLE}"),
+            Change::DeleteTable => write!(f, "delete table inet {TABLE}"),
             Change::FlushChain(c) => write!(f, "flush chain inet {TABLE} {c}"),
             Change::DeleteChain(c) => write!(f, "delete chain inet {TABLE} {c}"),
             Change::AddChain => write!(
@@ -364,10 +367,7 @@ pub fn default_rules_to_remove<'a>(
     observed
         .iter()
         .filter(|r| {
-            Family::of(&r.saddr) == r.table_family
-                && p.family(r.table_family).is_some_and(|fp| {
-                    fp.configured_pod_cidrs.contains(&r.saddr) || fp.pod_cidrs.contains(&r.saddr)
-                })
+            Family::of(&r.saddr) == r.table_family && p.default_rule_cidrs.contains(&r.saddr)
         })
         .collect()
 }
@@ -375,6 +375,16 @@ pub fn default_rules_to_remove<'a>(
 /// Computes the changes that make the kernel match the policy. Empty when in sync.
 pub fn plan(p: &Policy, o: &Observed) -> Vec<Change> {
     let mut out = Vec::new();
+    if p.v4.is_none() && p.v6.is_none() {
+        // Nothing of the policy lives in nftables: masqd's table goes, default rules still do.
+        if o.table.is_some() {
+            out.push(Change::DeleteTable);
+        }
+        for r in default_rules_to_remove(p, &o.foreign) {
+            out.push(Change::RemoveDefaultRule(r.clone()));
+        }
+        return out;
+    }
     let want_sets = desired_sets(p);
     let want_rules = desired_rules(p);
 

@@ -186,6 +186,10 @@ pub struct Policy {
     pub random_fully: bool,
     /// Remove the broad default masquerade rule for the pod CIDRs.
     pub replace_default_rule: bool,
+    /// Sources that identify a broad default rule to remove: every pod CIDR, as configured
+    /// and aggregated, of both families (kept when the policy is restricted to one backend's
+    /// families: the default-rule search covers every backend).
+    pub default_rule_cidrs: Vec<IpNet>,
 }
 
 impl Policy {
@@ -218,13 +222,37 @@ impl Policy {
                 exception_cidrs,
             })
         };
+        let v4 = fam(Family::V4);
+        let v6 = fam(Family::V6);
+        let mut default_rule_cidrs: Vec<IpNet> = Vec::new();
+        for fp in v4.iter().chain(v6.iter()) {
+            for n in fp.configured_pod_cidrs.iter().chain(fp.pod_cidrs.iter()) {
+                if !default_rule_cidrs.contains(n) {
+                    default_rule_cidrs.push(*n);
+                }
+            }
+        }
         Policy {
-            v4: fam(Family::V4),
-            v6: fam(Family::V6),
+            v4,
+            v6,
+            default_rule_cidrs,
             bridges: cfg.bridge_interfaces.clone(),
             random_fully: cfg.random_fully,
             replace_default_rule: cfg.replace_default_rule,
         }
+    }
+
+    /// The same policy with only the given families present (the others are handled by
+    /// another backend).
+    pub fn restricted_to(&self, families: &[Family]) -> Policy {
+        let mut p = self.clone();
+        if !families.contains(&Family::V4) {
+            p.v4 = None;
+        }
+        if !families.contains(&Family::V6) {
+            p.v6 = None;
+        }
+        p
     }
 
     /// The policy of one family.

@@ -28,10 +28,15 @@ pub struct RemovedRule {
     pub saddr: String,
     /// Its `! -o` interface, if any.
     pub oif_neq: Option<String>,
-    /// Hex of the raw NFTA_RULE_EXPRESSIONS payload.
+    /// Hex of the raw NFTA_RULE_EXPRESSIONS payload (nft only).
+    #[serde(default)]
     pub expressions_hex: String,
     /// Hex of the raw NFTA_RULE_USERDATA payload, if any.
+    #[serde(default)]
     pub userdata_hex: Option<String>,
+    /// The rule spec as iptables-legacy-save prints it after `-A POSTROUTING` (legacy only).
+    #[serde(default)]
+    pub legacy_rule: Option<String>,
 }
 
 impl RemovedRule {
@@ -179,6 +184,7 @@ mod tests {
             oif_neq: Some("docker0".into()),
             expressions_hex: "00".into(),
             userdata_hex: None,
+            legacy_rule: None,
         };
         st.record(std::slice::from_ref(&r)).unwrap();
         let mut r2 = r.clone();

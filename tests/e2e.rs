@@ -6,55 +6,8 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Command;
 
 use common::*;
-
-struct Cluster {
-    prefix: String,
-    a: Netns,
-    pa: Netns,
-    pb: Netns,
-    out: Netns,
-}
-
-impl Cluster {
-    fn up() -> Cluster {
-        require_root();
-        let prefix = unique("mqc");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
-        let o = Command::new("bash")
-            .args([script, "up", &prefix])
-            .output()
-            .unwrap();
-        // Wrap the namespaces first so they are removed even if the set-up failed half-way.
-        let ns = |s: &str| Netns {
-            name: format!("{prefix}-{s}"),
-        };
-        let c = Cluster {
-            a: ns("a"),
-            pa: ns("pa"),
-            pb: ns("pb"),
-            out: ns("out"),
-            prefix: prefix.clone(),
-        };
-        assert!(
-            o.status.success(),
-            "cluster.sh up: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        c
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
-        let _ = Command::new("bash")
-            .args([script, "down", &self.prefix])
-            .output();
-    }
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -71,7 +24,7 @@ bridge_interfaces = ["docker0"]
 
 #[test]
 fn pod_keeps_its_ip_inside_cluster_and_is_masqueraded_outside() {
-    let c = Cluster::up();
+    let c = Cluster::up("nft");
     let dir = TempDir::new();
     let cfg = dir.write("masqd.toml", NODE_A_CONFIG);
     let state = dir.path().join("state");
@@ -140,7 +93,7 @@ fn pod_keeps_its_ip_inside_cluster_and_is_masqueraded_outside() {
 fn only_the_policy_masquerades_no_default_rule_needed() {
     // Without any default rule, masqd alone masquerades outside traffic (the chain works on
     // its own), and nonmasquerade_cidrs exempt the outside host when listed.
-    let c = Cluster::up();
+    let c = Cluster::up("nft");
     c.a.ok(&["iptables-nft", "-t", "nat", "-F", "POSTROUTING"]);
     c.a.ok(&["ip6tables-nft", "-t", "nat", "-F", "POSTROUTING"]);
     let dir = TempDir::new();

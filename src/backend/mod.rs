@@ -1,3 +1,4 @@
-//! Firewall backends. The nftables backend is native (netlink); the legacy iptables backend is
-//! a later addition behind the same pipeline.
+//! Firewall backends: native nftables over netlink, and the legacy xtables fallback through
+//! the iptables-legacy binaries. Which one a family uses is decided by [`crate::detect`].
+pub mod legacy;
 pub mod nft;

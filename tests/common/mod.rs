@@ -394,3 +394,82 @@ pub fn seen_source(
         None
     }
 }
+
+/// The two-node cluster of scripts/cluster.sh; `writer` (`nft` or `legacy`) says which
+/// iptables wrote the broad default rule on node A. Removed on drop.
+pub struct Cluster {
+    pub prefix: String,
+    pub a: Netns,
+    pub b: Netns,
+    pub pa: Netns,
+    pub pb: Netns,
+    pub out: Netns,
+}
+
+impl Cluster {
+    pub fn up(writer: &str) -> Cluster {
+        require_root();
+        let prefix = unique("mqc");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+        let o = Command::new("bash")
+            .args([script, "up", &prefix, writer])
+            .output()
+            .unwrap();
+        // Wrap the namespaces first so they are removed even if the set-up failed half-way.
+        let ns = |s: &str| Netns {
+            name: format!("{prefix}-{s}"),
+        };
+        let c = Cluster {
+            a: ns("a"),
+            b: ns("b"),
+            pa: ns("pa"),
+            pb: ns("pb"),
+            out: ns("out"),
+            prefix: prefix.clone(),
+        };
+        assert!(
+            o.status.success(),
+            "cluster.sh up: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+        let _ = Command::new("bash")
+            .args([script, "down", &self.prefix])
+            .output();
+    }
+}
+
+/// `iptables-legacy-save` (or ip6) of a namespace without the timestamp comments.
+pub fn legacy_save(ns: &Netns, v6: bool, table: Option<&str>) -> String {
+    let bin = if v6 {
+        "ip6tables-legacy-save"
+    } else {
+        "iptables-legacy-save"
+    };
+    let mut args = vec![bin];
+    if let Some(t) = table {
+        args.extend(["-t", t]);
+    }
+    ns.ok(&args)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The loaded legacy tables of a namespace, byte for byte.
+pub fn tables_names(ns: &Netns) -> (String, String) {
+    let r = |f: &'static str| {
+        ns.run(move || std::fs::read_to_string(f).unwrap_or_else(|_| "<absent>".into()))
+    };
+    (
+        r("/proc/thread-self/net/ip_tables_names"),
+        r("/proc/thread-self/net/ip6_tables_names"),
+    )
+}

@@ -202,6 +202,63 @@ fn observe_table(sock: &mut Socket) -> Result<ObservedTable> {
     Ok(t)
 }
 
+/// What detection needs to know about nftables for one family.
+#[derive(Debug, Clone, Default)]
+pub struct NftFacts {
+    /// Rules in tables of the family, plus inet tables other than masqd's.
+    pub rules: usize,
+    /// Chains of the family's tables: (family, table, chain).
+    pub chains: Vec<(String, String, String)>,
+    /// Whether masqd's table holds objects of this family (its pod set).
+    pub masqd: bool,
+}
+
+/// Detection facts. Equals `nft -j list ruleset` counted, read over netlink.
+pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
+    let mut out = NftFacts::default();
+    let fam = nfproto(f);
+    for family in [fam, NFPROTO_INET] {
+        let rules = retry(|| sock.dump(sys::NFT_MSG_GETRULE, family, "list rules", |_| {}))?;
+        out.rules += rules
+            .iter()
+            .filter(|m| {
+                m.attrs().get(a(sys::NFTA_RULE_TABLE)).and_then(|x| x.str()) != Some(TABLE)
+                    || family != NFPROTO_INET
+            })
+            .count();
+    }
+    let chains = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, fam, "list chains", |_| {}))?;
+    for m in &chains {
+        let at = m.attrs();
+        let t = at
+            .get(a(sys::NFTA_CHAIN_TABLE))
+            .and_then(|x| x.str())
+            .unwrap_or_default();
+        let c = at
+            .get(a(sys::NFTA_CHAIN_NAME))
+            .and_then(|x| x.str())
+            .unwrap_or_default();
+        out.chains
+            .push((fam_kw(f).to_string(), t.to_string(), c.to_string()));
+    }
+    if table_exists(sock)? {
+        let sets = retry(|| {
+            sock.dump(
+                sys::NFT_MSG_GETSET,
+                NFPROTO_INET,
+                "list sets inet masqd",
+                |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
+            )
+        })?;
+        let want = crate::plan::pod_set(f);
+        out.masqd = sets.iter().any(|m| {
+            m.attrs().get(a(sys::NFTA_SET_TABLE)).and_then(|x| x.str()) == Some(TABLE)
+                && m.attrs().get(a(sys::NFTA_SET_NAME)).and_then(|x| x.str()) == Some(want.as_str())
+        });
+    }
+    Ok(out)
+}
+
 /// Reads the elements of an interval set back as ranges. Equals
 /// `nft list set inet masqd <name>`. None when the elements do not form intervals.
 pub fn list_ranges(sock: &mut Socket, set: &str, f: Family) -> Result<Option<Vec<Range>>> {
@@ -753,6 +810,7 @@ pub fn transaction(changes: &[Change], genid: Option<u32>) -> Transaction {
         let what = c.to_string();
         match c {
             Change::AddTable => txn.add_objects(what, |b| b.add(&inet_table(), MsgType::Add)),
+            Change::DeleteTable => txn.add_objects(what, |b| b.add(&inet_table(), MsgType::Del)),
             Change::AddChain => txn.add_objects(what, |b| {
                 let chain = Chain::new(&inet_table())
                     .with_name(CHAIN)
@@ -849,6 +907,7 @@ pub fn record_of(r: &ForeignRule) -> RemovedRule {
         oif_neq: r.oif_neq.clone(),
         expressions_hex: hex(&r.expressions),
         userdata_hex: r.userdata.as_deref().map(hex),
+        legacy_rule: None,
     }
 }
 
