@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -61,6 +62,8 @@ pub struct Config {
     pub mode: BackendMode,
     /// `[node] flannel_subnet_env`, when set.
     pub flannel_subnet_env: Option<PathBuf>,
+    /// `[daemon] resync_interval`, when set (default: 60 s, or 5 s with a legacy family).
+    pub resync_interval: Option<Duration>,
 }
 
 /// A configuration error. `Display` gives `file:line: key = value: what is wrong`.
@@ -101,6 +104,14 @@ struct RawFile {
     masquerade: RawMasquerade,
     #[serde(default)]
     backend: RawBackend,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    resync_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -258,6 +269,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         },
     };
 
+    let resync_interval = match &raw.daemon.resync_interval {
+        None => None,
+        Some(v) => Some(
+            parse_duration(v.get_ref())
+                .map_err(|m| err(Some(v.span()), Some("daemon.resync_interval"), m))?,
+        ),
+    };
+
     let flannel_subnet_env = raw
         .node
         .flannel_subnet_env
@@ -295,7 +314,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         replace_default_rule: raw.masquerade.replace_default_rule,
         mode,
         flannel_subnet_env,
+        resync_interval,
     })
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (1 s to 24 h).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. \"60s\", \"500ms\", \"2m\")"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration (e.g. \"60s\", \"500ms\", \"2m\")"
+            ))
+        }
+    };
+    if d < Duration::from_secs(1) || d > Duration::from_secs(86_400) {
+        return Err(format!("{s:?} is out of range: between 1s and 24h"));
+    }
+    Ok(d)
 }
 
 /// Parses `a.b.c.d/len`, `x::/len` or a bare address (taken as /32 or /128). Host bits are an
@@ -588,6 +633,22 @@ mode = "nft"
         assert!(e.to_string().contains("garbage"));
         let e = parse_subnet_env(Path::new("s.env"), "FLANNEL_SUBNET=10.244.1.1\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("FLANNEL_SUBNET"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10ms").is_err());
+        assert!(parse_duration("soon").is_err());
+        let s = p("[node]\npod_cidrs = [\"10.1.0.0/24\"]\n[daemon]\nresync_interval = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.contains(":4:") && s.contains("daemon.resync_interval"),
+            "{s}"
+        );
     }
 
     #[test]

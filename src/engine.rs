@@ -200,12 +200,23 @@ pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Pla
 /// never loses one. An nftables transaction refused because the ruleset changed underneath
 /// (generation mismatch) is re-planned, at most 5 times.
 pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
-    let state = State::new(&paths.state_dir);
     let mut sock = Socket::open().context("opening netlink")?;
+    apply_with(&mut sock, &paths.state_dir, cfg, policy)
+}
+
+/// [`apply`] over an open socket (the daemon keeps one, so that it recognises the change
+/// notifications its own transactions cause by the socket's port id).
+pub fn apply_with(
+    sock: &mut Socket,
+    state_dir: &Path,
+    cfg: &Config,
+    policy: &Policy,
+) -> Result<Plan> {
+    let state = State::new(state_dir);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let p = make_plan(cfg, policy, &mut sock)?;
+        let p = make_plan(cfg, policy, sock)?;
         if p.is_empty() {
             return Ok(p);
         }
@@ -231,7 +242,7 @@ pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
         if legacy_first {
             apply_legacy(&p)?;
         }
-        match nft::apply(&mut sock, &p.nft, Some(p.observed.genid)) {
+        match nft::apply(sock, &p.nft, Some(p.observed.genid)) {
             Ok(()) => {}
             Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {
                 tracing::info!("nftables ruleset changed while planning; planning again");

@@ -5,9 +5,11 @@
 //! the one-shot commands.
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod detect;
 pub mod engine;
 pub mod exec;
 pub mod plan;
 pub mod policy;
 pub mod state;
+pub mod systemd;

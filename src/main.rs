@@ -20,8 +20,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
-    log_level: String,
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +43,10 @@ enum Command {
     Export,
     /// Remove masqd's table and put back the default rules it removed.
     Teardown,
+    /// Run as a daemon (systemd Type=notify): apply, then keep the kernel true — on nftables
+    /// change events, config file changes (inotify), SIGHUP and a resync timer. Exits 78 when
+    /// the configuration is broken at start-up; leaves the rules in place when it stops.
+    Run,
     /// Show which backend (nftables or legacy xtables) each family uses, the facts and why.
     Detect {
         /// Print JSON.
@@ -55,15 +59,22 @@ fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    // One-shot commands are quiet by default; the daemon logs its reconciles.
+    let default = match cli.command {
+        Command::Run => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log_level.as_deref().unwrap_or(default));
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
@@ -78,6 +89,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         config: cli.config.clone(),
         state_dir: cli.state_dir.clone(),
     };
+    if let Command::Run = cli.command {
+        return Ok(masqd::daemon::run(paths));
+    }
     if let Command::Teardown = cli.command {
         let n = engine::teardown(&paths)?;
         println!("removed masqd's rules; restored {n} default rule(s)");
@@ -173,7 +187,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             print!("{}", masqd::backend::nft::export(&policy));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Teardown => unreachable!("handled above"),
+        Command::Teardown | Command::Run => unreachable!("handled above"),
     }
 }
 

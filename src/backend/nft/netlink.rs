@@ -676,6 +676,108 @@ impl Socket {
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
     }
+
+    /// The port id the kernel gave this socket; nftables change notifications caused by our
+    /// own transactions carry it as their `nlmsg_pid`.
+    pub fn portid(&self) -> Result<u32, NlError> {
+        let addr: NetlinkAddr = socket::getsockname(self.fd.as_raw_fd())
+            .map_err(|e| io_err("getsockname on the netlink socket", e))?;
+        Ok(addr.pid())
+    }
+
+    /// Opens a socket subscribed to NFNLGRP_NFTABLES, non-blocking. Equals `nft monitor`.
+    pub fn monitor() -> Result<Socket, NlError> {
+        let s = Socket::open()?;
+        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
+        // SAFETY: setsockopt with a pointer to a c_int of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_ADD_MEMBERSHIP,
+                &group as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(NlError::Io {
+                what: "joining NFNLGRP_NFTABLES".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let flags = nix::fcntl::fcntl(&s.fd, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| io_err("fcntl", e))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&s.fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| io_err("fcntl", e))?;
+        Ok(s)
+    }
+
+    /// Drains the pending change notifications without blocking.
+    pub fn drain_events(&mut self) -> Result<Vec<Event>, NlError> {
+        let mut out = Vec::new();
+        loop {
+            let n = match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(nix::Error::EAGAIN) => return Ok(out),
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::ENOBUFS) => {
+                    out.push(Event::Overrun);
+                    continue;
+                }
+                Err(e) => return Err(io_err("receiving nftables events", e)),
+            };
+            let b = &self.buf[..n];
+            let mut off = 0;
+            while off + NLMSG_HDRLEN <= n {
+                let len = u32::from_ne_bytes(b[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+                if len < NLMSG_HDRLEN || off + len > n {
+                    break;
+                }
+                let kind = u16::from_ne_bytes([b[off + 4], b[off + 5]]);
+                let pid = u32::from_ne_bytes(b[off + 12..off + 16].try_into().unwrap_or([0; 4]));
+                let body = &b[off + NLMSG_HDRLEN..off + len];
+                if kind >> 8 == sys::NFNL_SUBSYS_NFTABLES as u16 && body.len() >= NFGENMSG_LEN {
+                    // Attribute 1 is the table name in every table/chain/rule/set/element message.
+                    let table = Attrs(&body[NFGENMSG_LEN..])
+                        .get(1)
+                        .and_then(|a| a.str())
+                        .map(str::to_string);
+                    out.push(Event::Change {
+                        kind: kind & 0xff,
+                        family: body[0],
+                        pid,
+                        table,
+                    });
+                }
+                off += align4(len);
+            }
+        }
+    }
+}
+
+/// An nftables change notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A change: message type (`NFT_MSG_*`), family, sender port id, table name.
+    Change {
+        /// `NFT_MSG_NEWRULE`, `NFT_MSG_DELTABLE`, …
+        kind: u16,
+        /// nfgen family.
+        family: u8,
+        /// Port id of the socket that made the change.
+        pid: u32,
+        /// The table concerned (None for generation messages).
+        table: Option<String>,
+    },
+    /// Notifications were lost (receive buffer overrun): anything may have changed.
+    Overrun,
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 struct RawMsg {

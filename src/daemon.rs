@@ -1,0 +1,538 @@
+//! `masqd run`: the systemd daemon. The pipeline of `apply`, triggered by start-up, SIGHUP,
+//! changes to the config file and flannel's subnet.env (inotify on their directories), nftables
+//! change notifications (NFNLGRP_NFTABLES) and a resync timer (the only way to see legacy
+//! drift).
+//!
+//! Bursts coalesce: while a reconcile runs, triggers only mark the state dirty, and one more
+//! reconcile follows. The notifications caused by masqd's own transactions carry the port id
+//! of its apply socket and are ignored, so it never loops on itself. Failures back off
+//! (50 ms doubling to 5 s); a writer that keeps undoing the policy is logged and rate-limited.
+//! Idle means idle: besides the resync timer and the watchdog, nothing wakes the loop but
+//! events. Stopping leaves the rules in place.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinHandle;
+
+use crate::backend::nft::netlink::{Event, Socket};
+use crate::config::{self, Config};
+use crate::detect::Backend;
+use crate::engine::{self, Paths, Plan};
+use crate::policy::{Family, Policy};
+use crate::systemd::{self, Notifier};
+
+/// EX_CONFIG: the configuration is broken at start-up.
+pub const EX_CONFIG: u8 = 78;
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const NFT_MSG_NEWGEN: u16 = 15;
+/// Repairs in this window before the rate limit kicks in.
+const REPAIR_WINDOW: Duration = Duration::from_secs(10);
+const REPAIR_BURST: usize = 20;
+
+struct Fd<T: AsFd>(T);
+
+impl<T: AsFd> AsRawFd for Fd<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Whether a notification concerns masqd: its own table, or the nat tables where default rules
+/// live, changed by someone else (or lost notifications).
+pub fn relevant(e: &Event, own_pid: u32) -> bool {
+    match e {
+        Event::Overrun => true,
+        Event::Change {
+            kind,
+            family,
+            pid,
+            table,
+        } => {
+            if *pid == own_pid || *kind == NFT_MSG_NEWGEN {
+                return false;
+            }
+            matches!(
+                (family, table.as_deref()),
+                (&NFPROTO_INET, Some(crate::plan::TABLE))
+                    | (&NFPROTO_IPV4 | &NFPROTO_IPV6, Some("nat"))
+            )
+        }
+    }
+}
+
+/// Whether an inotify event in a watched directory concerns one of `files` (by name; names
+/// starting with `..` are the atomic symlink swaps of Kubernetes-style config volumes).
+fn touches(name: &Option<OsString>, files: &[PathBuf]) -> bool {
+    match name {
+        None => true,
+        Some(n) => {
+            n.to_string_lossy().starts_with("..")
+                || files.iter().any(|f| f.file_name() == Some(n.as_os_str()))
+        }
+    }
+}
+
+fn utc_hms(t: SystemTime) -> String {
+    let s = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!("{:02}:{:02}:{:02}Z", s / 3600, (s / 60) % 60, s % 60)
+}
+
+struct Daemon {
+    paths: Paths,
+    notifier: Notifier,
+    cfg: Config,
+    policy: Policy,
+    config_error: Option<String>,
+    backend: String,
+    legacy_in_use: bool,
+    repairs: u64,
+    last: Option<String>,
+    ready: bool,
+    reload_ready_pending: bool,
+    pending: Option<&'static str>,
+    failures: u32,
+    not_before: Instant,
+    repair_times: VecDeque<Instant>,
+    rate_limited_warned: bool,
+}
+
+impl Daemon {
+    fn resync(&self) -> Duration {
+        self.cfg.resync_interval.unwrap_or(if self.legacy_in_use {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(60)
+        })
+    }
+
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.paths.config.clone()];
+        if let Some(e) = &self.cfg.flannel_subnet_env {
+            v.push(e.clone());
+        }
+        v
+    }
+
+    fn status(&self) {
+        let sizes: Vec<String> = Family::ALL
+            .iter()
+            .filter_map(|f| {
+                self.policy.family(*f).map(|fp| {
+                    format!(
+                        "pod{d}={} nomasq{d}={}",
+                        fp.pod.len(),
+                        fp.nomasq.len(),
+                        d = f.digit()
+                    )
+                })
+            })
+            .collect();
+        let mut s = format!(
+            "backend {}; {}; last reconcile {}; repairs {}",
+            self.backend,
+            sizes.join(" "),
+            self.last.as_deref().unwrap_or("none yet"),
+            self.repairs
+        );
+        if let Some(e) = &self.config_error {
+            s.push_str(&format!("; config error (keeping the last good one): {e}"));
+        }
+        self.notifier
+            .notify(&format!("STATUS={}", systemd::one_line(&s)));
+    }
+
+    /// Re-reads the configuration. A broken one keeps the last good policy and the kernel
+    /// state; it is logged with its file and line and shown in STATUS.
+    fn reload(&mut self, why: &str) {
+        match config::load(&self.paths.config) {
+            Err(e) => {
+                tracing::error!(
+                    "{why}: configuration not reloaded, keeping the last good one: {e}"
+                );
+                self.config_error = Some(e.to_string());
+            }
+            Ok(cfg) => {
+                self.config_error = None;
+                if cfg != self.cfg {
+                    tracing::info!("{why}: configuration changed");
+                    self.policy = Policy::from_config(&cfg);
+                    self.cfg = cfg;
+                    self.pending = Some("configuration change");
+                    self.not_before = Instant::now();
+                }
+            }
+        }
+        self.status();
+    }
+
+    fn finished(&mut self, reason: &'static str, res: Result<Plan>, took: Duration) {
+        let now = Instant::now();
+        match res {
+            Ok(plan) => {
+                self.failures = 0;
+                self.backend = backend_name(&plan, &self.policy);
+                self.legacy_in_use = !plan.detection.families(Backend::Legacy).is_empty()
+                    && Family::ALL.iter().any(|f| {
+                        self.policy.family(*f).is_some()
+                            && plan.detection.family(*f).backend == Backend::Legacy
+                    });
+                if plan.is_empty() {
+                    self.last = Some(format!("{} in sync", utc_hms(SystemTime::now())));
+                } else {
+                    let what: Vec<String> = plan
+                        .nft
+                        .iter()
+                        .map(|c| c.summary())
+                        .chain(plan.legacy.iter().flat_map(|(f, l)| {
+                            l.summary.iter().map(move |s| format!("{f} legacy: {s}"))
+                        }))
+                        .collect();
+                    tracing::info!(
+                        "reconciled after {reason} in {:.1} ms: {} change(s): {}",
+                        took.as_secs_f64() * 1000.0,
+                        what.len(),
+                        what.join("; ")
+                    );
+                    if self.ready && reason != "configuration change" {
+                        self.repairs += 1;
+                        self.repair_times.push_back(now);
+                        while self
+                            .repair_times
+                            .front()
+                            .is_some_and(|t| now.duration_since(*t) > REPAIR_WINDOW)
+                        {
+                            self.repair_times.pop_front();
+                        }
+                        if self.repair_times.len() >= REPAIR_BURST {
+                            if !self.rate_limited_warned {
+                                tracing::warn!(
+                                    "{} repairs in the last {}s: another writer keeps undoing \
+                                     masqd's rules; repairs are now limited to one a second",
+                                    self.repair_times.len(),
+                                    REPAIR_WINDOW.as_secs()
+                                );
+                                self.rate_limited_warned = true;
+                            }
+                            self.not_before = now + Duration::from_secs(1);
+                        } else {
+                            self.rate_limited_warned = false;
+                        }
+                    }
+                    self.last = Some(format!(
+                        "{} applied {} change(s) ({reason})",
+                        utc_hms(SystemTime::now()),
+                        what.len()
+                    ));
+                }
+                if !self.ready {
+                    self.ready = true;
+                    self.status();
+                    self.notifier.notify("READY=1");
+                    tracing::info!("ready: backend {}", self.backend);
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                let backoff = Duration::from_millis(50)
+                    .saturating_mul(1u32 << self.failures.min(7))
+                    .min(Duration::from_secs(5));
+                tracing::error!(
+                    "reconcile after {reason} failed (attempt {}), retrying in {} ms: {e:#}",
+                    self.failures,
+                    backoff.as_millis()
+                );
+                self.last = Some(format!(
+                    "{} failed: {}",
+                    utc_hms(SystemTime::now()),
+                    format!("{e:#}").lines().next().unwrap_or_default()
+                ));
+                self.pending.get_or_insert("retry");
+                self.not_before = now + backoff;
+            }
+        }
+        if self.reload_ready_pending {
+            self.reload_ready_pending = false;
+            self.notifier.notify("READY=1");
+        }
+        self.status();
+    }
+}
+
+fn backend_name(plan: &Plan, policy: &Policy) -> String {
+    let mut parts: Vec<String> = Family::ALL
+        .iter()
+        .filter(|f| policy.family(**f).is_some())
+        .map(|f| format!("{f}:{}", plan.detection.family(*f).backend))
+        .collect();
+    let all_same = parts
+        .iter()
+        .map(|p| p.split(':').nth(1).unwrap_or_default())
+        .collect::<std::collections::BTreeSet<_>>();
+    if all_same.len() == 1 {
+        return all_same.into_iter().next().unwrap_or_default().to_string();
+    }
+    parts.sort();
+    parts.join(" ")
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. A broken configuration at start-up exits with 78.
+pub fn run(paths: Paths) -> ExitCode {
+    let cfg = match config::load(&paths.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("masqd: error: {e}");
+            let n = Notifier::from_env();
+            n.notify(&format!(
+                "STATUS={}",
+                systemd::one_line(&format!("config error: {e}"))
+            ));
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("masqd: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(main_loop(paths, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("masqd: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<PathBuf>) {
+    for f in files {
+        let dir = f
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if watched.contains(&dir) {
+            continue;
+        }
+        let flags = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_ATTRIB;
+        match ino.add_watch(&dir, flags) {
+            Ok(_) => watched.push(dir),
+            Err(e) => tracing::warn!(
+                "cannot watch {}: {e}; changes there need SIGHUP",
+                dir.display()
+            ),
+        }
+    }
+}
+
+async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
+    let policy = Policy::from_config(&cfg);
+    let mut d = Daemon {
+        paths: paths.clone(),
+        notifier: Notifier::from_env(),
+        cfg,
+        policy,
+        config_error: None,
+        backend: "undecided".into(),
+        legacy_in_use: false,
+        repairs: 0,
+        last: None,
+        ready: false,
+        reload_ready_pending: false,
+        pending: Some("start-up"),
+        failures: 0,
+        not_before: Instant::now(),
+        repair_times: VecDeque::new(),
+        rate_limited_warned: false,
+    };
+
+    let mut apply_sock = Some(Socket::open().context("opening the netlink socket")?);
+    let own_pid = apply_sock
+        .as_ref()
+        .map(|s| s.portid())
+        .transpose()?
+        .unwrap_or(0);
+    let monitor_sock = Socket::monitor().context("subscribing to nftables events")?;
+    // SAFETY: the socket owns its fd (OwnedFd) for its whole life and never swaps it.
+    let mut monitor = unsafe { AsyncFd::register(monitor_sock) }
+        .map_err(|e| anyhow::anyhow!("registering the event socket: {e}"))?;
+    let ino =
+        Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify_init")?;
+    let mut watched = Vec::new();
+    watch_dirs(&ino, &d.watched_files(), &mut watched);
+    // SAFETY: Inotify owns its fd for its whole life and never swaps it.
+    let ino = unsafe { AsyncFd::register(Fd(ino)) }
+        .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
+
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let mut resync_period = d.resync();
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let wd_period = systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(wd_period.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    type Job = JoinHandle<(Socket, &'static str, Result<Plan>, Duration)>;
+    let mut running: Option<Job> = None;
+    d.status();
+
+    loop {
+        if running.is_none() && d.pending.is_some() && Instant::now() >= d.not_before {
+            if let (Some(reason), Some(mut sock)) = (d.pending.take(), apply_sock.take()) {
+                let cfg = d.cfg.clone();
+                let policy = d.policy.clone();
+                let state_dir = d.paths.state_dir.clone();
+                running = Some(tokio::task::spawn_blocking(move || {
+                    let t = Instant::now();
+                    let r = engine::apply_with(&mut sock, &state_dir, &cfg, &policy);
+                    (sock, reason, r, t.elapsed())
+                }));
+            }
+        }
+        let retry_at = if running.is_none() && d.pending.is_some() {
+            tokio::time::Instant::from_std(d.not_before)
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(86_400)
+        };
+
+        tokio::select! {
+            res = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                match res {
+                    Ok((sock, reason, r, took)) => {
+                        apply_sock = Some(sock);
+                        d.finished(reason, r, took);
+                    }
+                    Err(e) => {
+                        // The blocking task panicked: a fresh socket, and retry.
+                        tracing::error!("reconcile task failed: {e}");
+                        apply_sock = Some(Socket::open().context("reopening netlink")?);
+                        d.pending.get_or_insert("retry");
+                    }
+                }
+                let p = d.resync();
+                if p != resync_period {
+                    resync_period = p;
+                    resync = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+                    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
+            _ = sighup.recv() => {
+                d.notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", systemd::monotonic_usec()));
+                d.reload("SIGHUP");
+                watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
+                if d.pending.is_some() || running.is_some() {
+                    d.reload_ready_pending = true;
+                } else {
+                    d.notifier.notify("READY=1");
+                }
+                // A SIGHUP also asks for a resync.
+                d.pending.get_or_insert("SIGHUP");
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            guard = monitor.readable_mut() => {
+                let mut guard = guard?;
+                let events = guard.get_inner_mut().drain_events();
+                guard.clear_ready();
+                match events {
+                    Ok(ev) => {
+                        if ev.iter().any(|e| relevant(e, own_pid)) {
+                            d.pending.get_or_insert("nftables change");
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading nftables events: {e}"),
+                }
+            }
+            guard = ino.readable() => {
+                let mut guard = guard?;
+                let evs = guard.get_inner().0.read_events();
+                guard.clear_ready();
+                if let Ok(evs) = evs {
+                    let files = d.watched_files();
+                    if evs.iter().any(|e| touches(&e.name, &files)) {
+                        d.reload("configuration file changed");
+                    }
+                }
+            }
+            _ = resync.tick() => {
+                d.pending.get_or_insert("resync");
+            }
+            _ = watchdog.tick(), if wd_period.is_some() => {
+                d.notifier.notify("WATCHDOG=1");
+            }
+            _ = tokio::time::sleep_until(retry_at) => {}
+        }
+    }
+
+    d.notifier.notify("STOPPING=1");
+    tracing::info!("stopping; the rules stay in place");
+    if let Some(job) = running {
+        // Let an apply in flight finish (it is one transaction either way).
+        let _ = tokio::time::timeout(Duration::from_secs(10), job).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(family: u8, table: &str, pid: u32) -> Event {
+        Event::Change {
+            kind: 6,
+            family,
+            pid,
+            table: Some(table.into()),
+        }
+    }
+
+    #[test]
+    fn relevance() {
+        assert!(relevant(&change(NFPROTO_INET, "masqd", 99), 7));
+        assert!(
+            !relevant(&change(NFPROTO_INET, "masqd", 7), 7),
+            "own change"
+        );
+        assert!(relevant(&change(NFPROTO_IPV4, "nat", 99), 7));
+        assert!(!relevant(&change(NFPROTO_IPV4, "filter", 99), 7));
+        assert!(!relevant(&change(NFPROTO_INET, "other", 99), 7));
+        assert!(relevant(&Event::Overrun, 7));
+    }
+
+    #[test]
+    fn touched_files() {
+        let files = vec![PathBuf::from("/etc/masqd/masqd.toml")];
+        assert!(touches(&Some("masqd.toml".into()), &files));
+        assert!(touches(&Some("..data".into()), &files));
+        assert!(!touches(&Some("other.toml".into()), &files));
+    }
+}
