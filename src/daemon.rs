@@ -24,6 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::backend::nft::netlink::{Event, Socket};
+use crate::backend::nft::SetCache;
 use crate::config::{self, Config};
 use crate::detect::Backend;
 use crate::engine::{self, Paths, Plan};
@@ -400,7 +401,14 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
     let mut watchdog = tokio::time::interval(wd_period.unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    type Job = JoinHandle<(Socket, &'static str, Result<Plan>, Duration)>;
+    type Job = JoinHandle<(
+        Socket,
+        Option<SetCache>,
+        &'static str,
+        Result<Plan>,
+        Duration,
+    )>;
+    let mut cache: Option<SetCache> = None;
     let mut running: Option<Job> = None;
     d.status();
 
@@ -410,10 +418,11 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 let cfg = d.cfg.clone();
                 let policy = d.policy.clone();
                 let state_dir = d.paths.state_dir.clone();
+                let mut c = cache.take();
                 running = Some(tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    let r = engine::apply_with(&mut sock, &state_dir, &cfg, &policy);
-                    (sock, reason, r, t.elapsed())
+                    let r = engine::apply_with(&mut sock, &state_dir, &cfg, &policy, &mut c);
+                    (sock, c, reason, r, t.elapsed())
                 }));
             }
         }
@@ -427,8 +436,9 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
             res = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
                 running = None;
                 match res {
-                    Ok((sock, reason, r, took)) => {
+                    Ok((sock, c, reason, r, took)) => {
                         apply_sock = Some(sock);
+                        cache = c;
                         d.finished(reason, r, took);
                     }
                     Err(e) => {

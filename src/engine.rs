@@ -14,7 +14,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::backend::legacy::{self, LegacyObserved, LegacyPlan};
-use crate::backend::nft::{self, netlink::Socket, netlink::ERESTART};
+use crate::backend::nft::{self, netlink::Socket, netlink::ERESTART, SetCache};
 use crate::config::{self, Config, ConfigError};
 use crate::detect::{self, Backend, Decision, Facts};
 use crate::plan::{self, Change, Observed};
@@ -108,6 +108,8 @@ pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detect
 /// Everything that would change.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The part of the policy that lives in nftables.
+    pub nft_policy: Policy,
     /// Detection it is based on.
     pub detection: Detection,
     /// The nftables observation (its generation guards the transaction).
@@ -144,9 +146,19 @@ impl Plan {
 
 /// Observes both backends and plans.
 pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Plan> {
+    make_plan_cached(cfg, policy, sock, None)
+}
+
+/// [`make_plan`] with the daemon's cache of the sets it committed last.
+pub fn make_plan_cached(
+    cfg: &Config,
+    policy: &Policy,
+    sock: &mut Socket,
+    cache: Option<&SetCache>,
+) -> Result<Plan> {
     let detection = detect(cfg, policy, sock)?;
     let nft_policy = policy.restricted_to(&detection.families(Backend::Nft));
-    let observed = nft::observe(sock).context("reading the nftables ruleset")?;
+    let observed = nft::observe(sock, cache).context("reading the nftables ruleset")?;
     let nft_changes = plan::plan(&nft_policy, &observed);
     let mut legacy_plans = Vec::new();
     let mut legacy_observed = BTreeMap::new();
@@ -187,6 +199,7 @@ pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Pla
         }
     }
     Ok(Plan {
+        nft_policy,
         detection,
         observed,
         nft: nft_changes,
@@ -201,23 +214,42 @@ pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Pla
 /// (generation mismatch) is re-planned, at most 5 times.
 pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
     let mut sock = Socket::open().context("opening netlink")?;
-    apply_with(&mut sock, &paths.state_dir, cfg, policy)
+    apply_with(&mut sock, &paths.state_dir, cfg, policy, &mut None)
 }
 
 /// [`apply`] over an open socket (the daemon keeps one, so that it recognises the change
 /// notifications its own transactions cause by the socket's port id).
+///
+/// `cache` holds the sets masqd committed last (see [`SetCache`]); it is refreshed after every
+/// success and dropped after any failure.
 pub fn apply_with(
     sock: &mut Socket,
     state_dir: &Path,
     cfg: &Config,
     policy: &Policy,
+    cache: &mut Option<SetCache>,
+) -> Result<Plan> {
+    let r = apply_inner(sock, state_dir, cfg, policy, cache);
+    if r.is_err() {
+        *cache = None;
+    }
+    r
+}
+
+fn apply_inner(
+    sock: &mut Socket,
+    state_dir: &Path,
+    cfg: &Config,
+    policy: &Policy,
+    cache: &mut Option<SetCache>,
 ) -> Result<Plan> {
     let state = State::new(state_dir);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let p = make_plan(cfg, policy, sock)?;
+        let p = make_plan_cached(cfg, policy, sock, cache.as_ref())?;
         if p.is_empty() {
+            *cache = Some(SetCache::after(&p.nft_policy, p.observed.genid));
             return Ok(p);
         }
         let mut records: Vec<_> = p
@@ -243,7 +275,15 @@ pub fn apply_with(
             apply_legacy(&p)?;
         }
         match nft::apply(sock, &p.nft, Some(p.observed.genid)) {
-            Ok(()) => {}
+            Ok(()) => {
+                *cache = if p.nft.is_empty() {
+                    Some(SetCache::after(&p.nft_policy, p.observed.genid))
+                } else {
+                    nft::genid(sock)
+                        .ok()
+                        .map(|g| SetCache::after(&p.nft_policy, g))
+                };
+            }
             Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {
                 tracing::info!("nftables ruleset changed while planning; planning again");
                 continue;

@@ -191,10 +191,37 @@ fn ready_only_after_the_rules_are_in_and_drift_is_repaired() {
         rules(&ns.ruleset(), "ip", "nat", "POSTROUTING").is_empty()
     });
     eprintln!("default rule re-inserted → removed: {t:?}");
+    // Someone edits the set behind masqd's back (its cache of the sets must not hide that).
+    ns.ok(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "masqd",
+        "nomasq4",
+        "{",
+        "8.8.8.0/24",
+        "}",
+    ]);
+    ns.ok(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "masqd",
+        "nomasq4",
+        "{",
+        "172.7.0.0/16",
+        "}",
+    ]);
+    let t = until("set repaired", Duration::from_secs(5), || {
+        in_sync(&ns, &cfg, &state)
+    });
+    eprintln!("foreign element edits → repaired: {t:?}");
     let st: serde_json::Value =
         serde_json::from_str(&ns.masqd_ok(&cfg, &state, &["status", "--json"], 0)).unwrap();
     assert_eq!(st["in_sync"], true);
-    let status = d.wait_note("repairs 3", Duration::from_secs(5));
+    let status = d.wait_note("repairs 4", Duration::from_secs(5));
     assert!(status.contains("STATUS=backend nft"), "{status}");
     assert!(d.alive());
 }
