@@ -126,6 +126,9 @@ impl Daemon {
         if let Some(e) = &self.cfg.flannel_subnet_env {
             v.push(e.clone());
         }
+        if let Some(e) = &self.cfg.nonmasquerade_cidrs_file {
+            v.push(e.clone());
+        }
         v
     }
 

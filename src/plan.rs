@@ -355,6 +355,47 @@ impl fmt::Display for Change {
     }
 }
 
+/// Ranges only in `have` (to delete) and only in `want` (to add), comparing whole ranges.
+/// Linear when both are sorted (as kernel dumps and policies are); sorts copies otherwise.
+pub fn diff_sorted(have: &[Range], want: &[Range]) -> (Vec<Range>, Vec<Range>) {
+    let sorted = |v: &[Range]| v.windows(2).all(|w| w[0] <= w[1]);
+    if !sorted(have) || !sorted(want) {
+        let mut h = have.to_vec();
+        let mut w = want.to_vec();
+        h.sort();
+        w.sort();
+        return diff_sorted(&h, &w);
+    }
+    let (mut del, mut add) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < have.len() || j < want.len() {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) if h == w => {
+                i += 1;
+                j += 1;
+            }
+            (Some(h), Some(w)) if h < w => {
+                del.push(*h);
+                i += 1;
+            }
+            (Some(_), Some(w)) => {
+                add.push(*w);
+                j += 1;
+            }
+            (Some(h), None) => {
+                del.push(*h);
+                i += 1;
+            }
+            (None, Some(w)) => {
+                add.push(*w);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (del, add)
+}
+
 /// The broad default rules that the policy replaces: source exactly one of the node's pod
 /// CIDRs (as configured or aggregated), in the same family.
 pub fn default_rules_to_remove<'a>(
@@ -478,18 +519,7 @@ pub fn plan(p: &Policy, o: &Observed) -> Vec<Change> {
             Some(s) => match &s.ranges {
                 None => {} // unreadable sets are in `recreate`, so never observed here
                 Some(have) => {
-                    let have_set: BTreeSet<&Range> = have.iter().collect();
-                    let want_set: BTreeSet<&Range> = ranges.iter().collect();
-                    let del: Vec<Range> = have
-                        .iter()
-                        .filter(|r| !want_set.contains(r))
-                        .copied()
-                        .collect();
-                    let add: Vec<Range> = ranges
-                        .iter()
-                        .filter(|r| !have_set.contains(r))
-                        .copied()
-                        .collect();
+                    let (del, add) = diff_sorted(have, ranges);
                     if !del.is_empty() {
                         out.push(Change::DeleteElements {
                             set: name.clone(),

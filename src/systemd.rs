@@ -8,6 +8,7 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Notifier {
     sock: Option<(UnixDatagram, SocketAddr)>,
+    last_status: std::cell::RefCell<String>,
 }
 
 impl Notifier {
@@ -22,9 +23,14 @@ impl Notifier {
                 SocketAddr::from_pathname(&p).ok()?
             };
             let s = UnixDatagram::unbound().ok()?;
+            // Never block the daemon's loop on a slow or stuck listener.
+            s.set_nonblocking(true).ok()?;
             Some((s, addr))
         });
-        Notifier { sock }
+        Notifier {
+            sock,
+            last_status: std::cell::RefCell::new(String::new()),
+        }
     }
 
     /// Whether a service manager listens.
@@ -32,12 +38,19 @@ impl Notifier {
         self.sock.is_some()
     }
 
-    /// Sends `state` (e.g. `READY=1\nSTATUS=…`). Errors are logged, never fatal.
+    /// Sends `state` (e.g. `READY=1\nSTATUS=…`) without blocking. Errors are logged, never
+    /// fatal. A `STATUS=…` identical to the last one sent is not repeated.
     pub fn notify(&self, state: &str) {
-        if let Some((s, addr)) = &self.sock {
-            if let Err(e) = s.send_to_addr(state.as_bytes(), addr) {
-                tracing::warn!("sd_notify failed: {e}");
+        let Some((s, addr)) = &self.sock else { return };
+        if state.starts_with("STATUS=") {
+            let mut last = self.last_status.borrow_mut();
+            if *last == state {
+                return;
             }
+            *last = state.to_string();
+        }
+        if let Err(e) = s.send_to_addr(state.as_bytes(), addr) {
+            tracing::warn!("sd_notify failed: {e}");
         }
     }
 }

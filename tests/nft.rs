@@ -559,3 +559,38 @@ fn randomized_exception_lists_match_kernel_sets() {
     }
     ns.masqd_ok(&cfg, &state, &["plan"], 0);
 }
+
+#[test]
+fn exceptions_from_a_list_file() {
+    let ns = Netns::new("mqlist");
+    let dir = TempDir::new();
+    let list = dir.write(
+        "nonmasq.list",
+        "# generated\n10.96.0.0/12\n\n192.168.7.7 # a host\n",
+    );
+    let cfg = dir.write(
+        "masqd.toml",
+        &format!("[node]\npod_cidrs = [\"172.7.21.0/24\"]\n[masquerade]\nnonmasquerade_cidrs_file = \"{}\"\n", list.display()),
+    );
+    let state = dir.path().join("state");
+    ns.masqd_ok(&cfg, &state, &["apply"], 0);
+    let r = |c: &str| {
+        let (_, a, b) = cidr_range(c);
+        (a, b)
+    };
+    assert_eq!(
+        set_ranges(&ns.ruleset(), "nomasq4").unwrap(),
+        vec![r("10.96.0.0/12"), r("192.168.7.7/32")]
+    );
+    // A bad line is refused with the list file and line named; the kernel keeps its state.
+    let before = ns.ruleset_text();
+    dir.write("nonmasq.list", "10.96.0.0/12\n10.1.2.3/8\n");
+    let o = ns.masqd(&cfg, &state, &["apply"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("nonmasq.list:2:") && err.contains("did you mean 10.0.0.0/8"),
+        "{err}"
+    );
+    assert_eq!(ns.ruleset_text(), before);
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the benchmarks (scripts/bench.py) and writes BENCHMARKS.md. As root; private network
+# namespaces only. Pass --quick for a smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/bench.sh must run as root (network namespaces, nftables)" >&2
+    exit 1
+fi
+bash scripts/install-deps.sh
+if ! command -v conntrack >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq conntrack >/dev/null
+fi
+cargo build --release --locked -q --bin masqd --example flowgen
+exec python3 scripts/bench.py "$@"
