@@ -269,6 +269,13 @@ impl Daemon {
                 self.not_before = now + backoff;
             }
         }
+        // Give back what a large reconcile allocated (parse trees, the batch buffer): the
+        // daemon's resident size should be its state, not its high-water mark.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         if self.reload_ready_pending {
             self.reload_ready_pending = false;
             self.notifier.notify("READY=1");
@@ -422,9 +429,25 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 let policy = d.policy.clone();
                 let state_dir = d.paths.state_dir.clone();
                 let mut c = cache.take();
+                let mon_fd = monitor.get_ref().as_raw_fd();
                 running = Some(tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    let r = engine::apply_with(&mut sock, &state_dir, &cfg, &policy, &mut c);
+                    // Mute our own notifications around large commits (the kernel would build
+                    // one per element); a change by someone else in that window is caught by
+                    // the generation check and reported as `missed_events`.
+                    let mute = move |quiet: bool| {
+                        if let Err(e) = Socket::set_membership(mon_fd, !quiet) {
+                            tracing::warn!("{e}");
+                        }
+                    };
+                    let r = engine::apply_with(
+                        &mut sock,
+                        &state_dir,
+                        &cfg,
+                        &policy,
+                        &mut c,
+                        Some(&mute),
+                    );
                     (sock, c, reason, r, t.elapsed())
                 }));
             }
@@ -442,6 +465,9 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                     Ok((sock, c, reason, r, took)) => {
                         apply_sock = Some(sock);
                         cache = c;
+                        if r.as_ref().is_ok_and(|p| p.missed_events) {
+                            d.pending.get_or_insert("ruleset changed while masqd was committing");
+                        }
                         d.finished(reason, r, took);
                     }
                     Err(e) => {

@@ -120,6 +120,9 @@ pub struct Plan {
     pub legacy: Vec<(Family, LegacyPlan)>,
     /// Legacy observations per family (for status).
     pub legacy_observed: BTreeMap<Family, LegacyObserved>,
+    /// Set when change notifications were muted around a large commit and the ruleset
+    /// changed in that window by someone else: the caller should reconcile again.
+    pub missed_events: bool,
 }
 
 impl Plan {
@@ -205,6 +208,7 @@ pub fn make_plan_cached(
         nft: nft_changes,
         legacy: legacy_plans,
         legacy_observed,
+        missed_events: false,
     })
 }
 
@@ -214,8 +218,15 @@ pub fn make_plan_cached(
 /// (generation mismatch) is re-planned, at most 5 times.
 pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
     let mut sock = Socket::open().context("opening netlink")?;
-    apply_with(&mut sock, &paths.state_dir, cfg, policy, &mut None)
+    apply_with(&mut sock, &paths.state_dir, cfg, policy, &mut None, None)
 }
+
+/// Elements in a transaction above which the daemon mutes its change notifications around the
+/// commit (the kernel then does not build one notification per element).
+pub const QUIET_ELEMENTS: usize = 1_000;
+
+/// Called with `true` before a large commit and `false` after it.
+pub type Mute<'a> = &'a (dyn Fn(bool) + Sync);
 
 /// [`apply`] over an open socket (the daemon keeps one, so that it recognises the change
 /// notifications its own transactions cause by the socket's port id).
@@ -228,8 +239,9 @@ pub fn apply_with(
     cfg: &Config,
     policy: &Policy,
     cache: &mut Option<SetCache>,
+    mute: Option<Mute<'_>>,
 ) -> Result<Plan> {
-    let r = apply_inner(sock, state_dir, cfg, policy, cache);
+    let r = apply_inner(sock, state_dir, cfg, policy, cache, mute);
     if r.is_err() {
         *cache = None;
     }
@@ -242,6 +254,7 @@ fn apply_inner(
     cfg: &Config,
     policy: &Policy,
     cache: &mut Option<SetCache>,
+    mute: Option<Mute<'_>>,
 ) -> Result<Plan> {
     let state = State::new(state_dir);
     let mut attempt = 0;
@@ -274,7 +287,33 @@ fn apply_inner(
         if legacy_first {
             apply_legacy(&p)?;
         }
-        match nft::apply(sock, &p.nft, Some(p.observed.genid)) {
+        let elements: usize = p
+            .nft
+            .iter()
+            .map(|c| match c {
+                Change::AddElements { ranges, .. } | Change::DeleteElements { ranges, .. } => {
+                    ranges.len()
+                }
+                _ => 0,
+            })
+            .sum();
+        let muted = match mute {
+            Some(m) if elements > QUIET_ELEMENTS => {
+                m(true);
+                true
+            }
+            _ => false,
+        };
+        let res = nft::apply(sock, &p.nft, Some(p.observed.genid));
+        let mut p = p;
+        if muted {
+            m_unmute(mute);
+            // Our transaction made generation G+1; anything else means someone changed the
+            // ruleset while we were not listening.
+            let now = nft::genid(sock).ok();
+            p.missed_events = res.is_ok() && now != Some(p.observed.genid.wrapping_add(1));
+        }
+        match res {
             Ok(()) => {
                 *cache = if p.nft.is_empty() {
                     Some(SetCache::after(&p.nft_policy, p.observed.genid))
@@ -294,6 +333,12 @@ fn apply_inner(
             apply_legacy(&p)?;
         }
         return Ok(p);
+    }
+}
+
+fn m_unmute(mute: Option<Mute<'_>>) {
+    if let Some(m) = mute {
+        m(false);
     }
 }
 

@@ -845,6 +845,19 @@ fn set_object(name: &str) -> Set {
 /// Builds the transaction for a plan. Every change maps to the nft command in its `Display`.
 pub fn transaction(changes: &[Change], genid: Option<u32>) -> Transaction {
     let mut txn = Transaction::new(genid);
+    // Start and end element of each interval: 40 bytes (IPv4) or 64 bytes (IPv6), plus the
+    // per-message headers of each 60 kB chunk.
+    let bytes: usize = changes
+        .iter()
+        .map(|c| match c {
+            Change::AddElements { family, ranges, .. }
+            | Change::DeleteElements { family, ranges, .. } => {
+                ranges.len() * if *family == Family::V4 { 40 } else { 64 } * 101 / 100 + 128
+            }
+            _ => 512,
+        })
+        .sum();
+    txn.reserve(bytes);
     let mut set_id = 1u32;
     for c in changes {
         let what = c.to_string();
