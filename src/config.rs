@@ -79,6 +79,9 @@ pub struct ConfigError {
     pub key: Option<String>,
     /// What is wrong and, where possible, how to fix it.
     pub message: String,
+    /// A file the configuration names (flannel's subnet.env, a CIDR list) does not exist
+    /// yet: the daemon waits for it instead of failing.
+    pub missing_file: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -180,6 +183,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         line: None,
         key: None,
         message: format!("cannot read the configuration file: {e}"),
+        missing_file: false,
     })?;
     parse(path, &text)
 }
@@ -192,6 +196,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         line: span.map(|s| line_of(text, s.start)),
         key: key.map(str::to_string),
         message,
+        missing_file: false,
     };
 
     let raw: RawFile = toml::from_str(text).map_err(|e| {
@@ -439,6 +444,7 @@ pub fn load_cidr_list(path: &Path) -> Result<Vec<IpNet>, ConfigError> {
         line: None,
         key: None,
         message: format!("cannot read the CIDR list: {e}"),
+        missing_file: e.kind() == std::io::ErrorKind::NotFound,
     })?;
     parse_cidr_list(path, &text)
 }
@@ -456,6 +462,7 @@ pub fn parse_cidr_list(path: &Path, text: &str) -> Result<Vec<IpNet>, ConfigErro
             line: Some(idx + 1),
             key: None,
             message,
+            missing_file: false,
         };
         let net = parse_cidr(line).map_err(err)?;
         check_exception(&net, line).map_err(err)?;
@@ -480,6 +487,7 @@ pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv, ConfigError> {
         line: None,
         key: None,
         message: format!("cannot read flannel's subnet.env: {e}"),
+        missing_file: e.kind() == std::io::ErrorKind::NotFound,
     })?;
     parse_subnet_env(path, &text)
 }
@@ -495,6 +503,7 @@ pub fn parse_subnet_env(path: &Path, text: &str) -> Result<SubnetEnv, ConfigErro
             line: Some(line_no),
             key: key.map(str::to_string),
             message,
+            missing_file: false,
         };
         let line = raw_line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -529,6 +538,12 @@ pub fn parse_subnet_env(path: &Path, text: &str) -> Result<SubnetEnv, ConfigErro
                     )
                 })?;
                 check_family(key, &net).map_err(|m| err(Some(key), m))?;
+                if net.prefix_len() == 0 {
+                    return Err(err(
+                        Some(key),
+                        format!("{value:?} covers every address: all traffic of the node would be masqueraded"),
+                    ));
+                }
                 env.subnets.push(net.trunc());
             }
             "FLANNEL_NETWORK" | "FLANNEL_IPV6_NETWORK" => {
@@ -546,6 +561,7 @@ pub fn parse_subnet_env(path: &Path, text: &str) -> Result<SubnetEnv, ConfigErro
             line: None,
             key: None,
             message: "no FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET in the file".to_string(),
+            missing_file: false,
         });
     }
     Ok(env)

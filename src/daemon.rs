@@ -110,6 +110,9 @@ struct Daemon {
     not_before: Instant,
     repair_times: VecDeque<Instant>,
     rate_limited_warned: bool,
+    /// When to give freed heap memory back to the kernel (a second after the last reconcile,
+    /// so bursts of reconciles keep their pages and an idle daemon stays small).
+    trim_at: Option<Instant>,
 }
 
 impl Daemon {
@@ -269,13 +272,6 @@ impl Daemon {
                 self.not_before = now + backoff;
             }
         }
-        // Give back what a large reconcile allocated (parse trees, the batch buffer): the
-        // daemon's resident size should be its state, not its high-water mark.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
         if self.reload_ready_pending {
             self.reload_ready_pending = false;
             self.notifier.notify("READY=1");
@@ -303,8 +299,15 @@ fn backend_name(plan: &Plan, policy: &Policy) -> String {
 
 /// Runs the daemon until SIGTERM/SIGINT. A broken configuration at start-up exits with 78.
 pub fn run(paths: Paths) -> ExitCode {
-    let cfg = match config::load(&paths.config) {
-        Ok(c) => c,
+    let first = config::load(&paths.config);
+    let cfg = match first {
+        Ok(c) => Some(c),
+        // A file the config names (flannel's subnet.env) may appear only once flannel runs,
+        // which may itself wait for kubelet: start, report, and wait for it.
+        Err(e) if e.missing_file => {
+            tracing::warn!("waiting: {e}");
+            None
+        }
         Err(e) => {
             eprintln!("masqd: error: {e}");
             let n = Notifier::from_env();
@@ -325,11 +328,61 @@ pub fn run(paths: Paths) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let cfg = match cfg {
+        Some(c) => c,
+        None => match rt.block_on(wait_for_config(&paths)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("masqd: error: {e:#}");
+                return ExitCode::from(1);
+            }
+        },
+    };
     match rt.block_on(main_loop(paths, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("masqd: error: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Start-up with a file the config names still missing: READY (so that units ordered after
+/// masqd, kubelet among them, can start), STATUS says what is awaited, the config is tried
+/// again every 2 s. None when stopped while waiting.
+async fn wait_for_config(paths: &Paths) -> Result<Option<Config>> {
+    let n = Notifier::from_env();
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let wd = systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    let mut told = false;
+    loop {
+        match config::load(&paths.config) {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) => {
+                n.notify(&format!(
+                    "STATUS={}",
+                    systemd::one_line(&format!("waiting, no rules installed yet: {e}"))
+                ));
+                if !told {
+                    n.notify("READY=1");
+                    told = true;
+                }
+                if !e.missing_file {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = sigterm.recv() => { n.notify("STOPPING=1"); return Ok(None) }
+            _ = sigint.recv() => { n.notify("STOPPING=1"); return Ok(None) }
+            _ = sighup.recv() => {}
+            _ = retry.tick() => {}
+            _ = watchdog.tick(), if wd.is_some() => n.notify("WATCHDOG=1"),
         }
     }
 }
@@ -379,10 +432,11 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
         not_before: Instant::now(),
         repair_times: VecDeque::new(),
         rate_limited_warned: false,
+        trim_at: None,
     };
 
     let mut apply_sock = Some(Socket::open().context("opening the netlink socket")?);
-    let own_pid = apply_sock
+    let mut own_pid = apply_sock
         .as_ref()
         .map(|s| s.portid())
         .transpose()?
@@ -464,7 +518,12 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 match res {
                     Ok((sock, c, reason, r, took)) => {
                         apply_sock = Some(sock);
+                        // Listen again whatever happened while muted.
+                        if let Err(e) = Socket::set_membership(monitor.get_ref().as_raw_fd(), true) {
+                            tracing::error!("{e}; drift is only seen by the resync timer");
+                        }
                         cache = c;
+                        d.trim_at = Some(Instant::now() + Duration::from_secs(1));
                         if r.as_ref().is_ok_and(|p| p.missed_events) {
                             d.pending.get_or_insert("ruleset changed while masqd was committing");
                         }
@@ -473,7 +532,11 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                     Err(e) => {
                         // The blocking task panicked: a fresh socket, and retry.
                         tracing::error!("reconcile task failed: {e}");
-                        apply_sock = Some(Socket::open().context("reopening netlink")?);
+                        let sock = Socket::open().context("reopening netlink")?;
+                        own_pid = sock.portid()?;
+                        apply_sock = Some(sock);
+                        cache = None;
+                        let _ = Socket::set_membership(monitor.get_ref().as_raw_fd(), true);
                         d.pending.get_or_insert("retry");
                     }
                 }
@@ -513,14 +576,24 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
             }
             guard = ino.readable() => {
                 let mut guard = guard?;
-                let evs = guard.get_inner().0.read_events();
-                guard.clear_ready();
-                if let Ok(evs) = evs {
-                    let files = d.watched_files();
-                    if evs.iter().any(|e| touches(&e.name, &files)) {
-                        d.reload("configuration file changed");
+                // Read until EAGAIN: readiness is edge-triggered.
+                let mut evs = Vec::new();
+                while let Ok(mut batch) = guard.get_inner().0.read_events() {
+                    if batch.is_empty() {
+                        break;
                     }
+                    evs.append(&mut batch);
                 }
+                guard.clear_ready();
+                let files = d.watched_files();
+                if evs.iter().any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED)) {
+                    // A watched directory went away: watch it again when it comes back.
+                    watched.clear();
+                }
+                if evs.iter().any(|e| touches(&e.name, &files)) {
+                    d.reload("configuration file changed");
+                }
+                watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
             }
             _ = resync.tick() => {
                 d.pending.get_or_insert("resync");
@@ -529,6 +602,23 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 d.notifier.notify("WATCHDOG=1");
             }
             _ = tokio::time::sleep_until(retry_at) => {}
+            _ = tokio::time::sleep_until(
+                d.trim_at.map(tokio::time::Instant::from_std).unwrap_or(retry_at)
+            ), if d.trim_at.is_some() => {
+                if running.is_some() {
+                    // Busy: try again a second after this reconcile (never spin).
+                    d.trim_at = Some(Instant::now() + Duration::from_secs(1));
+                } else if d.trim_at.is_some_and(|t| Instant::now() >= t) {
+                    d.trim_at = None;
+                    // Give back what a large reconcile allocated (parse trees, the batch
+                    // buffer): the idle daemon's resident size is its state, not its peak.
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only releases free heap memory.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                }
+            }
         }
     }
 

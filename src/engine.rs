@@ -315,12 +315,17 @@ fn apply_inner(
         }
         match res {
             Ok(()) => {
+                // Only our own commit may stand between the observation and the cache: the
+                // generation must be exactly one past the observed one.
                 *cache = if p.nft.is_empty() {
                     Some(SetCache::after(&p.nft_policy, p.observed.genid))
                 } else {
-                    nft::genid(sock)
-                        .ok()
-                        .map(|g| SetCache::after(&p.nft_policy, g))
+                    match nft::genid(sock) {
+                        Ok(g) if g == p.observed.genid.wrapping_add(1) && !p.missed_events => {
+                            Some(SetCache::after(&p.nft_policy, g))
+                        }
+                        _ => None,
+                    }
                 };
             }
             Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {

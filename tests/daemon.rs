@@ -410,3 +410,48 @@ fn legacy_reinsert_undone_within_one_resync_interval() {
     );
     assert!(d.alive());
 }
+
+#[test]
+fn waits_for_a_subnet_env_that_appears_later() {
+    // kube-flannel as a DaemonSet writes subnet.env only after kubelet runs, and kubelet is
+    // ordered after masqd: masqd must start, say what it waits for, and follow the file.
+    let dir = TempDir::new();
+    let env = dir.path().join("flannel").join("subnet.env");
+    let (ns, _d2, cfg, state) = setup(&format!(
+        "[node]\nflannel_subnet_env = \"{}\"\n[masquerade]\nbridge_interfaces = [\"cni0\"]\n",
+        env.display()
+    ));
+    let mut d = Daemon::start(&ns, &cfg, &state);
+    d.wait_note("READY=1", Duration::from_secs(10));
+    let st = d
+        .seen
+        .iter()
+        .find(|n| n.contains("waiting"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(st.contains("subnet.env"), "{st}");
+    assert!(!has_table(&ns), "nothing installed while waiting");
+    std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+    std::fs::write(
+        &env,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n",
+    )
+    .unwrap();
+    until(
+        "policy installed once subnet.env exists",
+        Duration::from_secs(10),
+        || has_table(&ns),
+    );
+    let r = |c: &str| {
+        let (_, a, b) = cidr_range(c);
+        vec![(a, b)]
+    };
+    until("pod set filled", Duration::from_secs(5), || {
+        set_ranges(&ns.ruleset(), "pod4") == Some(r("10.244.3.0/24"))
+    });
+    assert_eq!(
+        set_ranges(&ns.ruleset(), "nomasq4"),
+        Some(r("10.244.0.0/16"))
+    );
+    assert!(d.alive());
+}

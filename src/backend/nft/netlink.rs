@@ -641,6 +641,9 @@ impl Socket {
         }
         let (bytes, what) = txn.finish();
         let last = what.len() as u32;
+        // Acknowledgements left over from an earlier transaction that ended early (an error on
+        // the batch header, a timeout) carry the same sequence numbers: drop them first.
+        while socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT).is_ok() {}
         self.send(&bytes, "sending the transaction")?;
         let mut answered = vec![false; what.len()];
         let mut remaining = what.len();
