@@ -8,8 +8,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 bash scripts/install-deps.sh
-if ! command -v conntrack >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq conntrack >/dev/null
-fi
+for pkg in conntrack time; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+done
 cargo build --release --locked -q --bin masqd --example flowgen
 exec python3 scripts/bench.py "$@"
