@@ -207,28 +207,8 @@ def delete_table(sock):
 
 
 def monitor_socket(ns):
-    """A NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES inside `ns` (created from a
-    thread that entered the namespace; the socket stays there)."""
-    box = {}
-
-    def work():
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            box["err"] = ctypes.get_errno()
-            return
-        os.close(fd)
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        s.bind((0, 0))
-        s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-        s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE
-        box["s"] = s
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if "s" not in box:
-        raise RuntimeError(f"setns failed: errno {box.get('err')}")
-    return box["s"]
+    """A NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES inside `ns`."""
+    return ns_socket(ns, groups=(NFNLGRP_NFTABLES,))
 
 
 def events(sock, deadline):

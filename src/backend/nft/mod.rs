@@ -198,14 +198,7 @@ fn observe_table(sock: &mut Socket, cached: Option<&SetCache>) -> Result<Observe
         t.sets = c.sets.clone();
         return Ok(t);
     }
-    let sets = retry(|| {
-        sock.dump(
-            sys::NFT_MSG_GETSET,
-            NFPROTO_INET,
-            "list sets inet masqd",
-            |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
-        )
-    })?;
+    let sets = list_sets(sock)?;
     for m in &sets {
         let at = m.attrs();
         if at.get(a(sys::NFTA_SET_TABLE)).and_then(|x| x.str()) != Some(TABLE) {
@@ -282,14 +275,7 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
             .push((fam_kw(f).to_string(), t.to_string(), c.to_string()));
     }
     if table_exists(sock)? {
-        let sets = retry(|| {
-            sock.dump(
-                sys::NFT_MSG_GETSET,
-                NFPROTO_INET,
-                "list sets inet masqd",
-                |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
-            )
-        })?;
+        let sets = list_sets(sock)?;
         let want = crate::plan::pod_set(f);
         out.masqd = sets.iter().any(|m| {
             m.attrs().get(a(sys::NFTA_SET_TABLE)).and_then(|x| x.str()) == Some(TABLE)
@@ -297,6 +283,18 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
         });
     }
     Ok(out)
+}
+
+/// The sets of masqd's table. Equals `nft list sets table inet masqd`.
+fn list_sets(sock: &mut Socket) -> Result<Vec<netlink::Msg>, NlError> {
+    retry(|| {
+        sock.dump(
+            sys::NFT_MSG_GETSET,
+            NFPROTO_INET,
+            "list sets inet masqd",
+            |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
+        )
+    })
 }
 
 /// Reads the elements of an interval set back as ranges. Equals
