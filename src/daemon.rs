@@ -272,10 +272,6 @@ impl Daemon {
                 self.not_before = now + backoff;
             }
         }
-        if self.reload_ready_pending {
-            self.reload_ready_pending = false;
-            self.notifier.notify("READY=1");
-        }
         self.status();
     }
 }
@@ -474,11 +470,15 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
     )>;
     let mut cache: Option<SetCache> = None;
     let mut running: Option<Job> = None;
+    let mut running_is_reload = false;
     d.status();
 
     loop {
         if running.is_none() && d.pending.is_some() && Instant::now() >= d.not_before {
             if let (Some(reason), Some(mut sock)) = (d.pending.take(), apply_sock.take()) {
+                // The first reconcile that starts after a SIGHUP ends the reload (READY=1),
+                // not one that was already running with the old configuration.
+                running_is_reload = std::mem::take(&mut d.reload_ready_pending);
                 let cfg = d.cfg.clone();
                 let policy = d.policy.clone();
                 let state_dir = d.paths.state_dir.clone();
@@ -528,6 +528,9 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                             d.pending.get_or_insert("ruleset changed while masqd was committing");
                         }
                         d.finished(reason, r, took);
+                        if std::mem::take(&mut running_is_reload) {
+                            d.notifier.notify("READY=1");
+                        }
                     }
                     Err(e) => {
                         // The blocking task panicked: a fresh socket, and retry.
@@ -538,6 +541,8 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                         cache = None;
                         let _ = Socket::set_membership(monitor.get_ref().as_raw_fd(), true);
                         d.pending.get_or_insert("retry");
+                        // A reload still owes its READY=1 to the retry.
+                        d.reload_ready_pending |= std::mem::take(&mut running_is_reload);
                     }
                 }
                 let p = d.resync();
@@ -551,12 +556,8 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 d.notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", systemd::monotonic_usec()));
                 d.reload("SIGHUP");
                 watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
-                if d.pending.is_some() || running.is_some() {
-                    d.reload_ready_pending = true;
-                } else {
-                    d.notifier.notify("READY=1");
-                }
-                // A SIGHUP also asks for a resync.
+                // A SIGHUP also asks for a resync; READY=1 follows when it is done.
+                d.reload_ready_pending = true;
                 d.pending.get_or_insert("SIGHUP");
             }
             _ = sigterm.recv() => break,
