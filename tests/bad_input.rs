@@ -20,17 +20,7 @@ fn refused(cfg_path: &Path, expect: &[&str]) {
     let dir = TempDir::new();
     let good = dir.write("good.toml", GOOD);
     let state = dir.path().join("state");
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "10.9.0.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 10.9.0.0/24 -j MASQUERADE");
     ns.masqd_ok(&good, &state, &["apply"], 0);
     let before = ns.ruleset_text();
     for cmd in ["apply", "plan", "status", "export"] {

@@ -133,20 +133,7 @@ fn setup(cfg_text: &str) -> (Netns, TempDir, PathBuf, PathBuf) {
 #[test]
 fn ready_only_after_the_rules_are_in_and_drift_is_repaired() {
     let (ns, _dir, cfg, state) = setup(CFG);
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
     let mut d = Daemon::start(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     // READY=1 came after the first reconcile: everything is in already.
@@ -173,47 +160,14 @@ fn ready_only_after_the_rules_are_in_and_drift_is_repaired() {
     });
 
     // Docker restarts and re-inserts its rule through iptables-nft: removed again.
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -I POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
     let t = until("broad rule removed", Duration::from_secs(5), || {
         rules(&ns.ruleset(), "ip", "nat", "POSTROUTING").is_empty()
     });
     eprintln!("default rule re-inserted → removed: {t:?}");
     // Someone edits the set behind masqd's back (its cache of the sets must not hide that).
-    ns.ok(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "masqd",
-        "nomasq4",
-        "{",
-        "8.8.8.0/24",
-        "}",
-    ]);
-    ns.ok(&[
-        "nft",
-        "delete",
-        "element",
-        "inet",
-        "masqd",
-        "nomasq4",
-        "{",
-        "172.7.0.0/16",
-        "}",
-    ]);
+    ns.ok_words("nft add element inet masqd nomasq4 { 8.8.8.0/24 }");
+    ns.ok_words("nft delete element inet masqd nomasq4 { 172.7.0.0/16 }");
     let t = until("set repaired", Duration::from_secs(5), || {
         in_sync(&ns, &cfg, &state)
     });
@@ -356,20 +310,9 @@ fn legacy_reinsert_undone_within_one_resync_interval() {
     let (ns, _dir, cfg, state) = setup(&format!(
         "{CFG}[backend]\nmode = \"legacy\"\n[daemon]\nresync_interval = \"1s\"\n"
     ));
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words(
+        "iptables-legacy -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
+    );
     let mut d = Daemon::start(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     let post = |ns: &Netns| -> Vec<String> {
@@ -383,21 +326,9 @@ fn legacy_reinsert_undone_within_one_resync_interval() {
         post(&ns),
         vec!["-A POSTROUTING -m comment --comment masqd -j MASQD-POSTROUTING"]
     );
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "1",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words(
+        "iptables-legacy -t nat -I POSTROUTING 1 -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
+    );
     let t = until(
         "legacy re-insert undone",
         Duration::from_millis(2500),

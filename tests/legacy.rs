@@ -96,34 +96,14 @@ fn nothing_anywhere_is_nft_and_probing_creates_nothing() {
 #[test]
 fn nft_rules_only_is_nft() {
     let (ns, _dir, cfg, state) = setup();
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "filter",
-        "-A",
-        "INPUT",
-        "-s",
-        "10.1.1.1",
-        "-j",
-        "ACCEPT",
-    ]);
+    ns.ok_words("iptables-nft -t filter -A INPUT -s 10.1.1.1 -j ACCEPT");
     assert_eq!(backends(&detect(&ns, &cfg, &state)).0, "nft");
 }
 
 #[test]
 fn legacy_rules_detected_twice_identically_without_side_effects() {
     let (ns, _dir, cfg, state) = setup();
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "10.9.0.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-legacy -t nat -A POSTROUTING -s 10.9.0.0/24 -j MASQUERADE");
     let names = tables_names(&ns);
     let save4 = legacy_save(&ns, false, None);
     let save6 = legacy_save(&ns, true, None);
@@ -168,13 +148,7 @@ fn empty_legacy_tables_are_not_rules() {
 fn hint_chains_decide_and_must_match_whole_names() {
     // Hint in legacy, while nftables holds more rules → legacy.
     let (ns, _dir, cfg, state) = setup();
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "mangle",
-        "-N",
-        "KUBE-IPTABLES-HINT",
-    ]);
+    ns.ok_words("iptables-legacy -t mangle -N KUBE-IPTABLES-HINT");
     for i in 1..=3 {
         ns.ok(&[
             "iptables-nft",
@@ -211,33 +185,9 @@ fn hint_chains_decide_and_must_match_whole_names() {
 
     // A hint name inside a comment or a longer chain name is no hint.
     let (ns, _dir, cfg, state) = setup();
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "mangle",
-        "-N",
-        "KUBE-IPTABLES-HINT-X",
-    ]);
-    ns.ok(&[
-        "iptables-legacy",
-        "-A",
-        "INPUT",
-        "-m",
-        "comment",
-        "--comment",
-        "KUBE-IPTABLES-HINT",
-        "-j",
-        "ACCEPT",
-    ]);
-    ns.ok(&[
-        "iptables-nft",
-        "-A",
-        "INPUT",
-        "-s",
-        "10.1.1.1",
-        "-j",
-        "ACCEPT",
-    ]);
+    ns.ok_words("iptables-legacy -t mangle -N KUBE-IPTABLES-HINT-X");
+    ns.ok_words("iptables-legacy -A INPUT -m comment --comment KUBE-IPTABLES-HINT -j ACCEPT");
+    ns.ok_words("iptables-nft -A INPUT -s 10.1.1.1 -j ACCEPT");
     let d = detect(&ns, &cfg, &state);
     assert!(d["ipv4"]["facts"]["legacy_hint_chains"]
         .as_array()
@@ -297,17 +247,7 @@ fn own_objects_keep_the_backend() {
 #[test]
 fn missing_legacy_binaries_with_legacy_rules_is_a_clear_error() {
     let (ns, _dir, cfg, state) = setup();
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-legacy -t nat -A POSTROUTING -s 172.7.21.0/24 -j MASQUERADE");
     let before_save = legacy_save(&ns, false, None);
     let before_nft = ns.ruleset_text();
     for cmd in ["apply", "detect"] {
@@ -381,31 +321,10 @@ fn mixed_node_default_rules_removed_in_both_backends() {
     // rule goes too, and teardown puts both back.
     let (ns, dir, _cfg, state) = setup();
     let cfg = dir.write("masqd.toml", &format!("{CFG}[backend]\nmode = \"nft\"\n"));
-    ns.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words(
+        "iptables-legacy -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
+    );
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 -j MASQUERADE");
     let legacy_before = legacy_save(&ns, false, Some("nat"));
     ns.masqd_ok(&cfg, &state, &["apply"], 0);
     assert!(!legacy_save(&ns, false, Some("nat")).contains("-A POSTROUTING"));
@@ -466,21 +385,9 @@ fn end_to_end_in_legacy() {
     assert!(st["excepted_packets"].as_u64().unwrap() >= 2, "{st}");
 
     // Docker restarts: its rule comes back at the head of POSTROUTING.
-    c.a.ok(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "1",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    c.a.ok_words(
+        "iptables-legacy -t nat -I POSTROUTING 1 -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
+    );
     assert_eq!(
         seen_source(&c.pa, &c.pb, ip("172.7.22.2"), 8106),
         Some(ip("10.200.0.1"))

@@ -235,29 +235,8 @@ fn foreign_edits_are_repaired_in_place() {
     ns.masqd_ok(&cfg, &state, &["apply"], 0);
     let table_handle = objects(&ns.ruleset(), "table")[0]["handle"].clone();
     // Someone adds a rule and an element, and deletes a rule.
-    ns.ok(&[
-        "nft",
-        "insert",
-        "rule",
-        "inet",
-        "masqd",
-        "postrouting",
-        "ip",
-        "saddr",
-        "1.2.3.4",
-        "accept",
-    ]);
-    ns.ok(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "masqd",
-        "nomasq4",
-        "{",
-        "8.8.8.0/24",
-        "}",
-    ]);
+    ns.ok_words("nft insert rule inet masqd postrouting ip saddr 1.2.3.4 accept");
+    ns.ok_words("nft add element inet masqd nomasq4 { 8.8.8.0/24 }");
     let h = rules(&ns.ruleset(), "inet", "masqd", "postrouting")
         .last()
         .unwrap()
@@ -314,59 +293,11 @@ fn default_rule_replaced_and_teardown_restores() {
     let dir = TempDir::new();
     let cfg = dir.write("masqd.toml", BASE);
     let state = dir.path().join("state");
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "10.9.9.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
-    ns.ok(&[
-        "ip6tables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "fd00:7:21::/64",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 10.9.9.0/24 -j MASQUERADE");
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
+    ns.ok_words("ip6tables-nft -t nat -A POSTROUTING -s fd00:7:21::/64 ! -o docker0 -j MASQUERADE");
     // Not the default rule: it has a destination match.
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "-d",
-        "8.8.8.8",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 -d 8.8.8.8 -j MASQUERADE");
     let save_before = ns.ok(&["iptables-nft-save", "-t", "nat"]);
     let before = ns.ruleset();
     let v4_before = rules(&before, "ip", "nat", "POSTROUTING");
@@ -391,20 +322,7 @@ fn default_rule_replaced_and_teardown_restores() {
     ns.masqd_ok(&cfg, &state, &["plan"], 0);
 
     // Docker restarts and re-inserts its rule: the next apply removes it again, one record.
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -I POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
     ns.masqd_ok(&cfg, &state, &["plan"], 2);
     ns.masqd_ok(&cfg, &state, &["apply"], 0);
     assert_eq!(rules(&ns.ruleset(), "ip", "nat", "POSTROUTING").len(), 2);
@@ -448,20 +366,7 @@ fn replace_default_rule_false_leaves_it() {
         &format!("{BASE}replace_default_rule = false\n"),
     );
     let state = dir.path().join("state");
-    ns.ok(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.7.21.0/24",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ]);
+    ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
     ns.masqd_ok(&cfg, &state, &["apply"], 0);
     assert_eq!(rules(&ns.ruleset(), "ip", "nat", "POSTROUTING").len(), 1);
 }

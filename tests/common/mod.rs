@@ -85,6 +85,12 @@ impl Netns {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Runs a command given as whitespace-separated words (no quoting, no shell) inside the
+    /// namespace and asserts success: `ns.ok_words("iptables-nft -t nat -F POSTROUTING")`.
+    pub fn ok_words(&self, cmd: &str) -> String {
+        self.ok(&cmd.split_whitespace().collect::<Vec<_>>())
+    }
+
     /// `ip -n <ns> …`, asserting success.
     pub fn ip(&self, args: &[&str]) {
         let mut v = vec!["ip", "-n", &self.name];
