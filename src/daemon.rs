@@ -192,12 +192,11 @@ impl Daemon {
         match res {
             Ok(plan) => {
                 self.failures = 0;
-                self.backend = backend_name(&plan, &self.policy);
-                self.legacy_in_use = !plan.detection.families(Backend::Legacy).is_empty()
-                    && Family::ALL.iter().any(|f| {
-                        self.policy.family(*f).is_some()
-                            && plan.detection.family(*f).backend == Backend::Legacy
-                    });
+                self.backend = plan.backend_name(&self.policy);
+                self.legacy_in_use = plan
+                    .backends(&self.policy)
+                    .values()
+                    .any(|b| *b == Backend::Legacy);
                 if plan.is_empty() {
                     self.last = Some(format!("{} in sync", utc_hms(SystemTime::now())));
                 } else {
@@ -274,23 +273,6 @@ impl Daemon {
         }
         self.status();
     }
-}
-
-fn backend_name(plan: &Plan, policy: &Policy) -> String {
-    let mut parts: Vec<String> = Family::ALL
-        .iter()
-        .filter(|f| policy.family(**f).is_some())
-        .map(|f| format!("{f}:{}", plan.detection.family(*f).backend))
-        .collect();
-    let all_same = parts
-        .iter()
-        .map(|p| p.split(':').nth(1).unwrap_or_default())
-        .collect::<std::collections::BTreeSet<_>>();
-    if all_same.len() == 1 {
-        return all_same.into_iter().next().unwrap_or_default().to_string();
-    }
-    parts.sort();
-    parts.join(" ")
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. A broken configuration at start-up exits with 78.

@@ -141,6 +141,29 @@ impl Plan {
                 .sum::<usize>()
     }
 
+    /// The backend of each family the policy has (`ipv4`, `ipv6`).
+    pub fn backends(&self, policy: &Policy) -> BTreeMap<String, Backend> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| policy.family(*f).is_some())
+            .map(|f| (f.to_string(), self.detection.family(f).backend))
+            .collect()
+    }
+
+    /// `nft` or `legacy` when all families agree, else per family (`ipv4:legacy ipv6:nft`).
+    pub fn backend_name(&self, policy: &Policy) -> String {
+        let backends = self.backends(policy);
+        let distinct: std::collections::BTreeSet<Backend> = backends.values().copied().collect();
+        if distinct.len() == 1 {
+            return distinct.iter().map(Backend::to_string).collect();
+        }
+        backends
+            .iter()
+            .map(|(f, b)| format!("{f}:{b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Whether any family's policy lives in legacy xtables.
     fn legacy_first(&self) -> bool {
         !self.detection.families(Backend::Legacy).is_empty()
@@ -297,35 +320,27 @@ fn apply_inner(
                 _ => 0,
             })
             .sum();
-        let muted = match mute {
-            Some(m) if elements > QUIET_ELEMENTS => {
-                m(true);
-                true
-            }
-            _ => false,
-        };
-        let res = nft::apply(sock, &p.nft, Some(p.observed.genid));
-        let mut p = p;
-        if muted {
-            m_unmute(mute);
-            // Our transaction made generation G+1; anything else means someone changed the
-            // ruleset while we were not listening.
-            let now = nft::genid(sock).ok();
-            p.missed_events = res.is_ok() && now != Some(p.observed.genid.wrapping_add(1));
+        let muted = mute.filter(|_| elements > QUIET_ELEMENTS);
+        if let Some(m) = muted {
+            m(true);
         }
+        let res = nft::apply(sock, &p.nft, Some(p.observed.genid));
+        if let Some(m) = muted {
+            m(false);
+        }
+        let mut p = p;
         match res {
             Ok(()) => {
-                // Only our own commit may stand between the observation and the cache: the
-                // generation must be exactly one past the observed one.
+                // Our transaction made generation G+1. Anything else means someone else changed
+                // the ruleset too: the cache cannot be trusted then, and if we were not
+                // listening the caller must reconcile again.
+                let own = p.observed.genid.wrapping_add(1);
                 *cache = if p.nft.is_empty() {
                     Some(SetCache::after(&p.nft_policy, p.observed.genid))
                 } else {
-                    match nft::genid(sock) {
-                        Ok(g) if g == p.observed.genid.wrapping_add(1) && !p.missed_events => {
-                            Some(SetCache::after(&p.nft_policy, g))
-                        }
-                        _ => None,
-                    }
+                    let now = nft::genid(sock).ok();
+                    p.missed_events = muted.is_some() && now != Some(own);
+                    (now == Some(own)).then(|| SetCache::after(&p.nft_policy, own))
                 };
             }
             Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {
@@ -338,12 +353,6 @@ fn apply_inner(
             apply_legacy(&p)?;
         }
         return Ok(p);
-    }
-}
-
-fn m_unmute(mute: Option<Mute<'_>>) {
-    if let Some(m) = mute {
-        m(false);
     }
 }
 
@@ -385,28 +394,8 @@ pub struct Status {
 pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
     let mut sock = Socket::open().context("opening netlink")?;
     let p = make_plan(cfg, policy, &mut sock)?;
-    let present: Vec<Family> = Family::ALL
-        .into_iter()
-        .filter(|f| policy.family(*f).is_some())
-        .collect();
-    let mut backends = BTreeMap::new();
-    for f in &present {
-        backends.insert(f.to_string(), p.detection.family(*f).backend);
-    }
-    let distinct: std::collections::BTreeSet<Backend> = backends.values().copied().collect();
-    let backend = if distinct.len() == 1 {
-        distinct
-            .iter()
-            .next()
-            .map(|b| b.to_string())
-            .unwrap_or_default()
-    } else {
-        backends
-            .iter()
-            .map(|(f, b)| format!("{f}:{b}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let backends = p.backends(policy);
+    let backend = p.backend_name(policy);
     let mut st = Status {
         backend,
         backends,

@@ -972,8 +972,8 @@ pub fn apply(sock: &mut Socket, changes: &[Change], genid: Option<u32>) -> Resul
 
 /// Removes masqd's table and puts the recorded default rules back, in one transaction.
 /// Equals `nft delete table inet masqd` plus `nft add rule ip nat POSTROUTING …` per record.
-/// Returns the records that were not restored because an identical rule is present already,
-/// plus those restored.
+/// A record whose rule is present already (Docker re-inserted it) is skipped. Returns how many
+/// rules were put back.
 pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
     let genid = genid(sock)?;
     let mut txn = Transaction::new(Some(genid));
@@ -982,6 +982,10 @@ pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
             b.add(&inet_table(), MsgType::Del)
         });
     }
+    let mut present_now = Vec::new();
+    for f in Family::ALL {
+        present_now.extend(observe_foreign(sock, f)?);
+    }
     let mut restored = 0;
     for rec in records.iter().filter(|r| r.backend == "nft") {
         let f = match rec.family.as_str() {
@@ -989,8 +993,9 @@ pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
             "ip6" => Family::V6,
             other => anyhow::bail!("state record with unknown family {other:?}"),
         };
-        let present = observe_foreign(sock, f)?.into_iter().any(|r| {
-            r.table == rec.table
+        let present = present_now.iter().any(|r| {
+            r.table_family == f
+                && r.table == rec.table
                 && r.chain == rec.chain
                 && r.saddr.to_string() == rec.saddr
                 && r.oif_neq == rec.oif_neq

@@ -320,16 +320,13 @@ impl Transaction {
         what: impl Into<String>,
         body: impl FnOnce(&mut Writer),
     ) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.w
-            .begin(nft_type(kind), flags | NLM_F_ACK, seq, family, 0);
+        self.begin_raw(kind, flags, family, what);
         body(&mut self.w);
-        self.w.end();
-        self.what.push(what.into());
+        self.end_raw();
     }
 
-    /// Access to the writer for messages built in several parts (see `message_parts`).
+    /// Starts a message to be written through [`Transaction::writer`] in several parts (the
+    /// chunked element lists); finish it with [`Transaction::end_raw`].
     pub fn begin_raw(&mut self, kind: u32, flags: u16, family: u8, what: impl Into<String>) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -730,23 +727,7 @@ impl Socket {
     /// Opens a socket subscribed to NFNLGRP_NFTABLES, non-blocking. Equals `nft monitor`.
     pub fn monitor() -> Result<Socket, NlError> {
         let s = Socket::open()?;
-        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
-        // SAFETY: setsockopt with a pointer to a c_int of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                &group as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(NlError::Io {
-                what: "joining NFNLGRP_NFTABLES".into(),
-                source: io::Error::last_os_error(),
-            });
-        }
+        Socket::set_membership(s.fd.as_raw_fd(), true)?;
         let flags = nix::fcntl::fcntl(&s.fd, nix::fcntl::FcntlArg::F_GETFL)
             .map_err(|e| io_err("fcntl", e))?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
