@@ -60,12 +60,77 @@ pub struct Config {
     pub random_fully: bool,
     /// `[masquerade] replace_default_rule`.
     pub replace_default_rule: bool,
+    /// `[masquerade] honor_marks`: packets another component marked for masquerade (kube-proxy's
+    /// `0x4000/0x4000` by default) are left to the chain that marked them.
+    pub honor_marks: Vec<HonorMark>,
     /// `[backend] mode`.
     pub mode: BackendMode,
     /// `[node] flannel_subnet_env`, when set.
     pub flannel_subnet_env: Option<PathBuf>,
     /// `[daemon] resync_interval`, when set (default: 60 s, or 5 s with a legacy family).
     pub resync_interval: Option<Duration>,
+}
+
+/// Most `honor_marks` entries accepted (each is one rule in the hot path).
+pub const MAX_HONOR_MARKS: usize = 8;
+
+/// The default of `[masquerade] honor_marks`: kube-proxy's masquerade bit (flannel and
+/// kube-proxy in iptables and nftables mode all use it).
+pub const DEFAULT_HONOR_MARK: HonorMark = HonorMark {
+    value: 0x4000,
+    mask: 0x4000,
+};
+
+/// A packet mark that another component sets to ask for masquerade: a packet whose
+/// `mark & mask == value` is left alone by masqd (`meta mark & MASK == VALUE return`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HonorMark {
+    /// The bits that must be set (within `mask`).
+    pub value: u32,
+    /// The bits compared; never zero.
+    pub mask: u32,
+}
+
+impl fmt::Display for HonorMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}/{:#x}", self.value, self.mask)
+    }
+}
+
+impl HonorMark {
+    /// Parses `VALUE/MASK`, each a hexadecimal (`0x…`) or decimal 32-bit number; the mask is
+    /// not zero and the value has no bit outside the mask (it could never match).
+    pub fn parse(s: &str) -> Result<HonorMark, String> {
+        let (v, m) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} is not VALUE/MASK (e.g. \"0x4000/0x4000\", hexadecimal or decimal)")
+        })?;
+        let num = |t: &str, what: &str| -> Result<u32, String> {
+            let t = t.trim();
+            let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    u32::from_str_radix(h, 16)
+                }
+                Some(_) => return Err(format!("{s:?}: {what} {t:?} is not a hexadecimal number")),
+                None if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => t.parse(),
+                None => return Err(format!("{s:?}: {what} {t:?} is not a number")),
+            };
+            r.map_err(|_| format!("{s:?}: {what} {t:?} does not fit in 32 bits"))
+        };
+        let value = num(v, "value")?;
+        let mask = num(m, "mask")?;
+        if mask == 0 {
+            return Err(format!(
+                "{s:?}: the mask is zero, so every packet would match; give the bits to compare"
+            ));
+        }
+        if value & !mask != 0 {
+            return Err(format!(
+                "{s:?}: the value has bits outside the mask ({:#x}), so no packet could match",
+                value & !mask
+            ));
+        }
+        Ok(HonorMark { value, mask })
+    }
 }
 
 /// A configuration error. `Display` gives `file:line: key = value: what is wrong`.
@@ -141,6 +206,7 @@ struct RawMasquerade {
     random_fully: bool,
     #[serde(default = "default_true")]
     replace_default_rule: bool,
+    honor_marks: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 impl Default for RawMasquerade {
@@ -152,6 +218,7 @@ impl Default for RawMasquerade {
             bridge_interfaces: Vec::new(),
             random_fully: false,
             replace_default_rule: true,
+            honor_marks: None,
         }
     }
 }
@@ -276,6 +343,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
 
+    let honor_marks = parse_honor_marks(&raw.masquerade.honor_marks)
+        .map_err(|(span, m)| err(Some(span), Some("masquerade.honor_marks"), m))?;
+
     let mode = match &raw.backend.mode {
         None => BackendMode::Auto,
         Some(m) => match m.get_ref().as_str() {
@@ -338,10 +408,38 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         bridge_interfaces,
         random_fully: raw.masquerade.random_fully,
         replace_default_rule: raw.masquerade.replace_default_rule,
+        honor_marks,
         mode,
         flannel_subnet_env,
         resync_interval,
     })
+}
+
+/// `[masquerade] honor_marks`: absent → kube-proxy's bit; an empty list turns it off.
+/// Duplicates are dropped; more than [`MAX_HONOR_MARKS`] entries are refused.
+fn parse_honor_marks(
+    raw: &Option<Spanned<Vec<Spanned<String>>>>,
+) -> Result<Vec<HonorMark>, (Range<usize>, String)> {
+    let Some(list) = raw else {
+        return Ok(vec![DEFAULT_HONOR_MARK]);
+    };
+    if list.get_ref().len() > MAX_HONOR_MARKS {
+        return Err((
+            list.span(),
+            format!(
+                "{} entries; at most {MAX_HONOR_MARKS} marks can be honoured",
+                list.get_ref().len()
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    for item in list.get_ref() {
+        let m = HonorMark::parse(item.get_ref()).map_err(|e| (item.span(), e))?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (1 s to 24 h).
@@ -747,6 +845,54 @@ mode = "nft"
             e.contains("x.list:1:") && e.contains("nothing would ever be masqueraded"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn honor_marks() {
+        let base = "[node]\npod_cidrs = [\"10.1.0.0/24\"]\n[masquerade]\n";
+        let c = p(base).unwrap();
+        assert_eq!(c.honor_marks, vec![DEFAULT_HONOR_MARK]);
+        let c = p(&format!("{base}honor_marks = []\n")).unwrap();
+        assert!(c.honor_marks.is_empty());
+        let c = p(&format!(
+            "{base}honor_marks = [\"0x4000/0x4000\", \"16384/16384\", \"1/0xFFFFFFFF\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.honor_marks,
+            vec![
+                DEFAULT_HONOR_MARK,
+                HonorMark {
+                    value: 1,
+                    mask: u32::MAX
+                }
+            ]
+        );
+        for (bad, want) in [
+            ("0x4000", "VALUE/MASK"),
+            ("0x4000/0", "mask is zero"),
+            ("0x4000/0x0", "mask is zero"),
+            ("0x1ffffffff/0xffffffff", "32 bits"),
+            ("4294967296/1", "32 bits"),
+            ("0xg/1", "hexadecimal"),
+            ("-1/1", "not a number"),
+            ("0x8000/0x4000", "outside the mask"),
+            ("/1", "not a number"),
+        ] {
+            let text = format!("{base}random_fully = false\nhonor_marks = [\n  \"{bad}\",\n]\n");
+            let e = p(&text).unwrap_err();
+            let s = e.to_string();
+            assert_eq!(e.line, Some(6), "{s}");
+            assert!(
+                s.contains("masquerade.honor_marks") && s.contains(want),
+                "{bad}: {s}"
+            );
+            assert!(s.contains(bad), "names the value: {s}");
+        }
+        let nine: Vec<String> = (0..9).map(|i| format!("\"{}/0xffff\"", i)).collect();
+        let e = p(&format!("{base}honor_marks = [{}]\n", nine.join(", "))).unwrap_err();
+        assert!(e.to_string().contains("at most 8"), "{e}");
+        assert_eq!(e.line, Some(4));
     }
 
     #[test]

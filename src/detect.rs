@@ -60,8 +60,15 @@ pub struct Facts {
     pub nft_rules: usize,
     /// Hint chains in nftables (`family table/chain`).
     pub nft_hint_chains: Vec<String>,
-    /// Whether masqd's own objects for this family exist in nftables.
+    /// Whether masqd's own policy for this family exists in nftables (its masquerade rule;
+    /// the guard that legacy mode keeps in nftables does not count).
     pub nft_masqd: bool,
+    /// Whether the kernel refuses nf_tables requests (then legacy mode has no guard).
+    pub nft_unavailable: bool,
+    /// The node's own `iptables` / `ip6tables` on PATH, resolved through its symlinks.
+    pub system_iptables: Option<String>,
+    /// The variant it runs (`legacy` or `nft`), when it could be told.
+    pub system_default: Option<Backend>,
 }
 
 impl Facts {
@@ -151,10 +158,66 @@ pub fn apply_legacy_save(text: &str, facts: &mut Facts) {
     }
 }
 
+/// The variant the node's own `iptables` (`ip6tables`) runs: the command on PATH resolved
+/// through its symlinks (Debian's alternatives end at `xtables-legacy-multi` or
+/// `xtables-nft-multi`, or at `iptables-legacy` / `iptables-nft`); when the name does not tell,
+/// its `-V` output (`iptables v1.8.9 (legacy)` / `(nf_tables)`). `-V` touches no table.
+pub fn system_default(f: Family, facts: &mut Facts) {
+    let name = match f {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    let Some(path) = exec::find_binary(name) else {
+        return;
+    };
+    let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    facts.system_iptables = Some(if resolved == path {
+        path.display().to_string()
+    } else {
+        format!("{} -> {}", path.display(), resolved.display())
+    });
+    let file = resolved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    facts.system_default = variant_of_name(&file).or_else(|| {
+        exec::run(&path, &["-V"], None, exec::DEFAULT_TIMEOUT)
+            .ok()
+            .and_then(|o| variant_of_version(&o.stdout))
+    });
+}
+
+/// `xtables-legacy-multi`, `iptables-legacy` → legacy; `xtables-nft-multi`, `iptables-nft` → nft.
+fn variant_of_name(file: &str) -> Option<Backend> {
+    if file.contains("legacy") {
+        Some(Backend::Legacy)
+    } else if file.contains("-nft") {
+        Some(Backend::Nft)
+    } else {
+        None
+    }
+}
+
+/// `iptables v1.8.9 (legacy)` → legacy, `iptables v1.8.9 (nf_tables)` → nft.
+fn variant_of_version(text: &str) -> Option<Backend> {
+    if text.contains("(legacy)") {
+        Some(Backend::Legacy)
+    } else if text.contains("(nf_tables)") {
+        Some(Backend::Nft)
+    } else {
+        None
+    }
+}
+
 /// Gathers the facts of one family.
 pub fn gather(f: Family, sock: &mut Socket) -> Result<Facts> {
     let mut facts = Facts::default();
     legacy_facts(f, &mut facts);
+    system_default(f, &mut facts);
+    facts.nft_unavailable = nft::genid(sock).is_err();
+    if facts.nft_unavailable {
+        return Ok(facts);
+    }
     let n = nft::facts(sock, f)?;
     facts.nft_rules = n.rules;
     facts.nft_hint_chains = n
@@ -167,20 +230,109 @@ pub fn gather(f: Family, sock: &mut Socket) -> Result<Facts> {
     Ok(facts)
 }
 
-/// Decides the backend of a family (design.md §4), or says why it cannot.
+/// Decides the backend of both families (design.md §4), or says why one cannot be decided.
+/// `facts[0]` is IPv4's, `facts[1]` IPv6's. A family without evidence of its own follows the
+/// other family's evidence (kubernetes-sigs/iptables-wrappers decides once for both); with no
+/// evidence anywhere, the variant the node's own `iptables` runs decides, nftables when there
+/// is none.
+pub fn decide_both(mode: BackendMode, facts: [&Facts; 2]) -> [Result<Decision, String>; 2] {
+    let own = [
+        evidence(mode, Family::V4, facts[0]),
+        evidence(mode, Family::V6, facts[1]),
+    ];
+    let pick = |i: usize| -> Result<Decision, String> {
+        let f = Family::ALL[i];
+        let (other_f, other) = (Family::ALL[1 - i], &own[1 - i]);
+        match &own[i] {
+            Err(e) => Err(e.clone()),
+            Ok(Some(d)) => Ok(d.clone()),
+            Ok(None) => match other {
+                Ok(Some(d)) => usable(
+                    f,
+                    facts[i],
+                    d.backend,
+                    format!("no evidence for {f}; follows {other_f}: {}", d.reason),
+                ),
+                _ => {
+                    let (b, why) = default_of(f, facts[i]);
+                    usable(f, facts[i], b, why)
+                }
+            },
+        }
+    };
+    [pick(0), pick(1)]
+}
+
+/// Decides one family as if the other had no evidence (tests, and callers with one family).
 pub fn decide(mode: BackendMode, f: Family, facts: &Facts) -> Result<Decision, String> {
+    let none = Facts::default();
+    let both = match f {
+        Family::V4 => [facts, &none],
+        Family::V6 => [&none, facts],
+    };
+    let [v4, v6] = decide_both(mode, both);
+    match f {
+        Family::V4 => v4,
+        Family::V6 => v6,
+    }
+}
+
+/// Step 6: the system default, with its reason.
+fn default_of(f: Family, facts: &Facts) -> (Backend, String) {
+    let none = if facts.legacy_tables.is_empty() {
+        "no rules anywhere".to_string()
+    } else {
+        format!(
+            "legacy tables loaded ({}) but hold no rules, nor does nftables",
+            facts.legacy_tables.join(", ")
+        )
+    };
+    let cmd = match f {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    match (&facts.system_iptables, facts.system_default) {
+        (Some(p), Some(b)) => (
+            b,
+            format!("{none}: the system default, {cmd} on PATH is the {b} variant ({p})"),
+        ),
+        (Some(p), None) => (
+            Backend::Nft,
+            format!("{none}: {cmd} on PATH ({p}) is neither variant; nftables"),
+        ),
+        (None, _) => (
+            Backend::Nft,
+            format!("{none}: no {cmd} on PATH; nftables, the default"),
+        ),
+    }
+}
+
+/// A decision for `backend`, or an error when it is legacy and the binaries are missing.
+fn usable(f: Family, facts: &Facts, backend: Backend, reason: String) -> Result<Decision, String> {
     let (save, restore, _) = legacy::binary_names(f);
-    let legacy_usable = facts.has(save) && facts.has(restore);
-    let d = |backend, reason: String| Ok(Decision { backend, reason });
+    if backend == Backend::Legacy && !(facts.has(save) && facts.has(restore)) {
+        return Err(format!(
+            "{f}: {reason}, but {restore} is not on PATH to write there; install the \
+             iptables package or set backend.mode = \"nft\""
+        ));
+    }
+    Ok(Decision { backend, reason })
+}
+
+/// Steps 1-4 for one family: Some(decision) when the configuration or the family's own
+/// facts decide, None when there is no evidence.
+fn evidence(mode: BackendMode, f: Family, facts: &Facts) -> Result<Option<Decision>, String> {
+    let (save, restore, _) = legacy::binary_names(f);
+    let some = |backend, reason: String| Ok(Some(Decision { backend, reason }));
     match mode {
         BackendMode::Nft => {
-            return d(
+            return some(
                 Backend::Nft,
                 "backend.mode = \"nft\" in the configuration".into(),
             )
         }
         BackendMode::Legacy => {
-            if !legacy_usable {
+            if !(facts.has(save) && facts.has(restore)) {
                 return Err(format!(
                     "backend.mode = \"legacy\" but {} not found on PATH; install the iptables \
                      package (it provides the legacy binaries) or set backend.mode = \"nft\"",
@@ -192,7 +344,7 @@ pub fn decide(mode: BackendMode, f: Family, facts: &Facts) -> Result<Decision, S
                         .join(" and ")
                 ));
             }
-            return d(
+            return some(
                 Backend::Legacy,
                 "backend.mode = \"legacy\" in the configuration".into(),
             );
@@ -206,26 +358,20 @@ pub fn decide(mode: BackendMode, f: Family, facts: &Facts) -> Result<Decision, S
              or \"legacy\" in the configuration"
         ));
     }
-    let legacy = |reason: String| {
-        if legacy_usable {
-            d(Backend::Legacy, reason)
-        } else {
-            Err(format!(
-                "{f}: {reason}, but {restore} is not on PATH to write there; install the \
-                 iptables package or set backend.mode = \"nft\""
-            ))
-        }
-    };
+    let legacy = |reason: String| usable(f, facts, Backend::Legacy, reason).map(Some);
+    if facts.nft_unavailable {
+        return legacy("the kernel answers no nf_tables requests".into());
+    }
     match (facts.nft_masqd, facts.legacy_masqd) {
         (true, false) => {
-            return d(
+            return some(
                 Backend::Nft,
-                "masqd's own objects are in nftables (table inet masqd): staying there".into(),
+                "masqd's own policy is in nftables (table inet masqd): staying there".into(),
             )
         }
         (false, true) => {
             return legacy(format!(
-                "masqd's own objects are in legacy xtables (chain nat {}): staying there",
+                "masqd's own policy is in legacy xtables (chain nat {}): staying there",
                 legacy::CHAIN
             ))
         }
@@ -242,7 +388,7 @@ pub fn decide(mode: BackendMode, f: Family, facts: &Facts) -> Result<Decision, S
             ))
         }
         (false, true) => {
-            return d(
+            return some(
                 Backend::Nft,
                 format!(
                     "hint chain {} exists in nftables only",
@@ -252,30 +398,18 @@ pub fn decide(mode: BackendMode, f: Family, facts: &Facts) -> Result<Decision, S
         }
         _ => {}
     }
-    if facts.legacy_rules > 0 && facts.nft_rules == 0 {
-        return legacy(format!(
-            "{} legacy xtables rule(s) and none in nftables",
-            facts.legacy_rules
-        ));
+    match (facts.nft_rules, facts.legacy_rules) {
+        (0, 0) => Ok(None),
+        (0, l) => legacy(format!("{l} legacy xtables rule(s) and none in nftables")),
+        (n, 0) => some(
+            Backend::Nft,
+            format!("{n} nftables rule(s), no legacy rules"),
+        ),
+        (n, l) => some(
+            Backend::Nft,
+            format!("rules in both ({n} nftables, {l} legacy) and no hint chain: nftables"),
+        ),
     }
-    let reason = if facts.legacy_rules == 0 && facts.nft_rules == 0 {
-        if facts.legacy_tables.is_empty() {
-            "no rules anywhere: nftables, the default".to_string()
-        } else {
-            format!(
-                "legacy tables loaded ({}) but hold no rules, nor does nftables: nftables, the default",
-                facts.legacy_tables.join(", ")
-            )
-        }
-    } else if facts.legacy_rules == 0 {
-        format!("{} nftables rule(s), no legacy rules", facts.nft_rules)
-    } else {
-        format!(
-            "rules in both ({} nftables, {} legacy) and no hint chain: nftables, the default",
-            facts.nft_rules, facts.legacy_rules
-        )
-    };
-    d(Backend::Nft, reason)
 }
 
 #[cfg(test)]
@@ -403,6 +537,93 @@ mod tests {
             decide(BackendMode::Auto, Family::V6, &v6).unwrap().backend,
             Backend::Nft
         );
+    }
+
+    #[test]
+    fn no_evidence_anywhere_follows_the_system_iptables() {
+        let mut v4 = facts(true);
+        let mut v6 = facts(true);
+        for b in binary_list(Family::V6) {
+            v6.binaries.insert(b.into(), Some(format!("/usr/sbin/{b}")));
+        }
+        for (variant, want) in [
+            ("/usr/sbin/xtables-legacy-multi", Backend::Legacy),
+            ("/usr/sbin/xtables-nft-multi", Backend::Nft),
+        ] {
+            for f in [&mut v4, &mut v6] {
+                f.system_iptables = Some(format!("/usr/sbin/iptables -> {variant}"));
+                f.system_default = variant_of_name(variant.rsplit('/').next().unwrap());
+            }
+            let [a, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert_eq!((a.backend, b.backend), (want, want), "{variant}");
+            assert!(a.reason.contains("system default"), "{}", a.reason);
+            assert!(a.reason.contains(variant), "{}", a.reason);
+        }
+        // No iptables at all: nftables.
+        let none = facts(false);
+        let [a, _] = decide_both(BackendMode::Auto, [&none, &none]);
+        assert_eq!(a.unwrap().backend, Backend::Nft);
+    }
+
+    #[test]
+    fn variant_names_and_versions() {
+        assert_eq!(
+            variant_of_name("xtables-legacy-multi"),
+            Some(Backend::Legacy)
+        );
+        assert_eq!(variant_of_name("iptables-legacy"), Some(Backend::Legacy));
+        assert_eq!(variant_of_name("xtables-nft-multi"), Some(Backend::Nft));
+        assert_eq!(variant_of_name("iptables"), None);
+        assert_eq!(
+            variant_of_version("iptables v1.8.9 (legacy)\n"),
+            Some(Backend::Legacy)
+        );
+        assert_eq!(
+            variant_of_version("iptables v1.8.9 (nf_tables)\n"),
+            Some(Backend::Nft)
+        );
+        assert_eq!(variant_of_version("iptables v1.4.21\n"), None);
+    }
+
+    #[test]
+    fn a_family_without_evidence_follows_the_other() {
+        let mut v4 = facts(true);
+        v4.legacy_tables = vec!["nat".into()];
+        v4.legacy_rules = 2;
+        let mut v6 = facts(true);
+        for b in binary_list(Family::V6) {
+            v6.binaries.insert(b.into(), Some(format!("/usr/sbin/{b}")));
+        }
+        // The system default says nft, but IPv4's evidence decides for IPv6 too.
+        v6.system_iptables = Some("/usr/sbin/ip6tables -> /usr/sbin/xtables-nft-multi".into());
+        v6.system_default = Some(Backend::Nft);
+        let [a, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!((a.backend, b.backend), (Backend::Legacy, Backend::Legacy));
+        assert!(b.reason.contains("follows ipv4"), "{}", b.reason);
+        // Evidence of its own wins over the other family's.
+        v6.nft_rules = 3;
+        let [_, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
+        assert_eq!(b.unwrap().backend, Backend::Nft);
+        // Following into legacy without the binaries is an error that says so.
+        let mut v6 = facts(false);
+        v6.system_default = None;
+        let [_, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
+        assert!(b
+            .unwrap_err()
+            .contains("ip6tables-legacy-restore is not on PATH"));
+    }
+
+    #[test]
+    fn the_guard_is_not_masqd_policy() {
+        // Legacy mode keeps the guard in nftables: nft_masqd stays false (the masquerade rule
+        // is what counts), so the legacy chain keeps the family in legacy.
+        let mut f = facts(true);
+        f.legacy_masqd = true;
+        f.nft_masqd = false;
+        f.nft_rules = 0;
+        assert_eq!(auto(&f), Backend::Legacy);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::backend::legacy::{self, LegacyObserved, LegacyPlan};
 use crate::backend::nft::{self, netlink::Socket, netlink::ERESTART, SetCache};
 use crate::config::{self, Config, ConfigError};
 use crate::detect::{self, Backend, Decision, Facts};
+use crate::foreign::{self, NatRule, Overridden};
 use crate::plan::{self, Change, Observed};
 use crate::policy::{Family, Policy};
 use crate::state::State;
@@ -53,8 +54,39 @@ pub struct FamilyDetection {
     pub backend: Backend,
     /// Why.
     pub reason: String,
+    /// Where the guard of this family lives (design.md §3.1, §3.2), or why it has none.
+    pub guard: String,
     /// What was found.
     pub facts: Facts,
+}
+
+impl FamilyDetection {
+    /// Whether masqd keeps the guard of this family in nftables.
+    pub fn has_guard(&self) -> bool {
+        !self.facts.nft_unavailable
+    }
+}
+
+fn guard_text(backend: Backend, nft_available: bool) -> String {
+    match (backend, nft_available) {
+        (_, false) => "unavailable: the kernel answers no nf_tables requests, so exceptions are \
+                       enforced by RETURN rules only and a masquerade rule that runs first \
+                       (another daemon's) wins"
+            .to_string(),
+        (Backend::Nft, true) => format!(
+            "identity SNAT in table inet {} chain {} (priority {})",
+            plan::TABLE,
+            plan::CHAIN,
+            plan::CHAIN_PRIORITY_NFT
+        ),
+        (Backend::Legacy, true) => format!(
+            "identity SNAT in table inet {} chain {} (priority {}), in front of the policy in \
+             legacy xtables",
+            plan::TABLE,
+            plan::CHAIN,
+            plan::CHAIN_PRIORITY_NFT
+        ),
+    }
 }
 
 impl Detection {
@@ -78,11 +110,12 @@ impl Detection {
 /// Runs detection for both families. A family without pod CIDRs whose legacy side cannot be
 /// inspected is reported, not fatal; one with pod CIDRs is an error that says how to fix it.
 pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
+    let v4 = detect::gather(Family::V4, sock).context("detecting the ipv4 backend")?;
+    let v6 = detect::gather(Family::V6, sock).context("detecting the ipv6 backend")?;
+    let decisions = detect::decide_both(cfg.mode, [&v4, &v6]);
     let mut out = Vec::new();
-    for f in Family::ALL {
-        let facts =
-            detect::gather(f, sock).with_context(|| format!("detecting the {f} backend"))?;
-        let d = match detect::decide(cfg.mode, f, &facts) {
+    for ((f, facts), d) in Family::ALL.into_iter().zip([v4, v6]).zip(decisions) {
+        let d = match d {
             Ok(d) => d,
             Err(e) if policy.family(f).is_none() => Decision {
                 backend: Backend::Nft,
@@ -93,6 +126,7 @@ pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detect
         out.push(FamilyDetection {
             backend: d.backend,
             reason: d.reason,
+            guard: guard_text(d.backend, !facts.nft_unavailable),
             facts,
         });
     }
@@ -120,6 +154,8 @@ pub struct Plan {
     pub legacy: Vec<(Family, LegacyPlan)>,
     /// Legacy observations per family (for status).
     pub legacy_observed: BTreeMap<Family, LegacyObserved>,
+    /// Source NAT rules of other components, in both backends (for status and detect).
+    pub nat_rules: Vec<NatRule>,
     /// Set when change notifications were muted around a large commit and the ruleset
     /// changed in that window by someone else: the caller should reconcile again.
     pub missed_events: bool,
@@ -183,9 +219,27 @@ pub fn make_plan_cached(
     cache: Option<&SetCache>,
 ) -> Result<Plan> {
     let detection = detect(cfg, policy, sock)?;
-    let nft_policy = policy.restricted_to(&detection.families(Backend::Nft));
-    let observed = nft::observe(sock, cache).context("reading the nftables ruleset")?;
-    let nft_changes = plan::plan(&nft_policy, &observed);
+    let nft_ok = detection.ipv4.has_guard() && detection.ipv6.has_guard();
+    let guard: Vec<Family> = detection
+        .families(Backend::Legacy)
+        .into_iter()
+        .filter(|f| detection.family(*f).has_guard())
+        .collect();
+    let nft_policy = policy.nft_part(&detection.families(Backend::Nft), &guard);
+    let mut nat_rules = Vec::new();
+    let (observed, nft_changes) = if nft_ok {
+        let observed = nft::observe(sock, cache).context("reading the nftables ruleset")?;
+        let changes = plan::plan(&nft_policy, &observed);
+        nat_rules = nft::foreign::nat_rules(sock).context("reading other NAT rules")?;
+        (observed, changes)
+    } else if !detection.families(Backend::Nft).is_empty() {
+        return Err(anyhow!(
+            "the kernel answers no nf_tables requests; set backend.mode = \"legacy\" or load \
+             the nf_tables module"
+        ));
+    } else {
+        (Observed::default(), Vec::new())
+    };
     let mut legacy_plans = Vec::new();
     let mut legacy_observed = BTreeMap::new();
     for f in Family::ALL {
@@ -219,6 +273,7 @@ pub fn make_plan_cached(
             &policy.default_rule_cidrs,
             policy.replace_default_rule,
         );
+        nat_rules.extend(legacy::nat_rules(f, &lo));
         legacy_observed.insert(f, lo);
         if lp.payload.is_some() {
             legacy_plans.push((f, lp));
@@ -231,8 +286,45 @@ pub fn make_plan_cached(
         nft: nft_changes,
         legacy: legacy_plans,
         legacy_observed,
+        nat_rules,
         missed_events: false,
     })
+}
+
+impl Plan {
+    /// The other components' source NAT rules that can apply to the pod traffic of
+    /// `policy`, and what masqd's guard does about each.
+    pub fn overridden(&self, policy: &Policy) -> Vec<Overridden> {
+        let removed_nft: Vec<(Family, &str, &str, u64)> = self
+            .nft
+            .iter()
+            .filter_map(|c| match c {
+                Change::RemoveDefaultRule(r) => {
+                    Some((r.table_family, r.table.as_str(), r.chain.as_str(), r.handle))
+                }
+                _ => None,
+            })
+            .collect();
+        let removing = |r: &NatRule| {
+            let Some(f) = r.family else { return false };
+            if r.backend == "nft" {
+                let fam_ok = r.table_family == if f == Family::V4 { "ip" } else { "ip6" };
+                return fam_ok
+                    && removed_nft.iter().any(|(rf, t, c, h)| {
+                        *rf == f && *t == r.table && *c == r.chain && *h == r.handle
+                    });
+            }
+            self.legacy.iter().any(|(lf, lp)| {
+                *lf == f
+                    && lp
+                        .removed_defaults
+                        .iter()
+                        .any(|(spec, _, _)| r.text == format!("-A POSTROUTING {spec}"))
+            })
+        };
+        let guarded = |f: Family| self.detection.family(f).has_guard();
+        foreign::overridden(policy, &self.nat_rules, guarded, removing)
+    }
 }
 
 /// Makes the kernel match the policy. Returns the plan that was applied (empty when in sync).
@@ -388,6 +480,9 @@ pub struct Status {
     pub excepted_packets: u64,
     /// Broad default rules for the pod CIDRs still present (both backends).
     pub default_rules_present: usize,
+    /// Other components' source NAT rules that can apply to pod traffic, with what masqd's
+    /// guard does about each.
+    pub overridden: Vec<Overridden>,
 }
 
 /// Reads the status.
@@ -410,6 +505,7 @@ pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
                 .iter()
                 .map(|(_, l)| l.removed_defaults.len())
                 .sum::<usize>(),
+        overridden: p.overridden(policy),
     };
     if let Some(t) = &p.observed.table {
         for (name, s) in &t.sets {
@@ -422,7 +518,7 @@ pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
                 let n = r.packets.unwrap_or(0);
                 if c.starts_with("masqd:masquerade:") {
                     st.masqueraded_packets += n;
-                } else if c.starts_with("masqd:except:") {
+                } else if c.starts_with("masqd:guard:") {
                     st.excepted_packets += n;
                 }
             }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod detect;
 pub mod engine;
 pub mod exec;
+pub mod foreign;
 pub mod plan;
 pub mod policy;
 pub mod state;

@@ -146,18 +146,28 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("masqueraded packets:  {}", st.masqueraded_packets);
                 println!("excepted packets:     {}", st.excepted_packets);
                 println!("default rules left:   {}", st.default_rules_present);
+                print_overridden(&st.overridden);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Detect { json } => {
             let mut sock = masqd::backend::nft::netlink::Socket::open()?;
-            let d = engine::detect(&cfg, &policy, &mut sock)?;
+            let p = engine::make_plan(&cfg, &policy, &mut sock)?;
+            let overridden = p.overridden(&policy);
+            let d = p.detection;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                let mut v = serde_json::to_value(&d)?;
+                v["overridden"] = serde_json::to_value(&overridden)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for f in masqd::policy::Family::ALL {
                     let fd = d.family(f);
                     println!("{f}: {} — {}", fd.backend, fd.reason);
+                    println!("    guard                      {}", fd.guard);
+                    println!(
+                        "    system iptables            {}",
+                        x_or_none(&fd.facts.system_iptables)
+                    );
                     let x = &fd.facts;
                     for (b, p) in &x.binaries {
                         println!("    {b:<26} {}", p.as_deref().unwrap_or("(not found)"));
@@ -178,8 +188,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     }
                     println!("    nftables rules             {}", x.nft_rules);
                     println!("    nftables hint chains       {:?}", x.nft_hint_chains);
-                    println!("    nftables masqd objects     {}", x.nft_masqd);
+                    println!("    nftables masqd policy      {}", x.nft_masqd);
                 }
+                print_overridden(&overridden);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -188,6 +199,30 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Teardown | Command::Run => unreachable!("handled above"),
+    }
+}
+
+fn x_or_none(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("(not found)")
+}
+
+fn print_overridden(list: &[masqd::foreign::Overridden]) {
+    if list.is_empty() {
+        println!("other NAT rules for the pod CIDRs: none");
+        return;
+    }
+    println!("other NAT rules for the pod CIDRs:");
+    for o in list {
+        let handle = if o.backend == "legacy" {
+            format!("rule {}", o.handle)
+        } else {
+            format!("handle {}", o.handle)
+        };
+        println!(
+            "  {} {} {} {handle} ({}): {}",
+            o.backend, o.table, o.chain, o.ip_family, o.rule
+        );
+        println!("      {}", o.reason);
     }
 }
 

@@ -1,5 +1,12 @@
 //! Policy × Observed → Changes for the nftables layout of design.md §3. Pure and deterministic.
 //!
+//! The chain runs at `srcnat - 1`, before every other NAT chain at the postrouting hook
+//! (iptables-nft's `ip nat`, legacy xtables, Docker's, flannel's, kube-proxy's — all at
+//! srcnat). The kernel's NAT core calls those chains only until one of them sets up a binding
+//! for the connection; an identity source NAT (`snat ip to ip saddr`) sets one up that changes
+//! nothing, so an excepted connection keeps its source whatever other masquerade rules exist
+//! (design.md §3.1). A `return` would let a later chain masquerade it.
+//!
 //! The skeleton (table, base chain, rules) is fixed; the data (set elements) is dynamic. Rules
 //! carry a comment tag (`masqd:…`) naming what they are, so the observed skeleton is compared by
 //! tag: any difference (a rule edited, added, removed or reordered by someone else, a bridge
@@ -11,14 +18,18 @@ use std::fmt;
 
 use ipnet::IpNet;
 
+use crate::config::HonorMark;
 use crate::policy::{Family, Policy, Range};
 
 /// Name of masqd's table (family inet).
 pub const TABLE: &str = "masqd";
 /// Name of masqd's base chain.
 pub const CHAIN: &str = "postrouting";
-/// Priority of the base chain (`srcnat`).
-pub const CHAIN_PRIORITY: i32 = 100;
+/// Priority of the base chain: `srcnat - 1` (NF_IP_PRI_NAT_SRC is 100), so the guard runs
+/// before every other NAT chain at the hook.
+pub const CHAIN_PRIORITY: i32 = 99;
+/// The priority as nft writes it.
+pub const CHAIN_PRIORITY_NFT: &str = "srcnat - 1";
 
 /// Name of the pod set of a family (`pod4`, `pod6`).
 pub fn pod_set(f: Family) -> String {
@@ -35,8 +46,12 @@ pub fn nomasq_set(f: Family) -> String {
 pub enum RuleSpec {
     /// `oifname "<bridge>" return`
     BridgeReturn(String),
-    /// `ip saddr @pod4 ip daddr @nomasq4 counter return`
-    Except(Family),
+    /// `meta mark & MASK == VALUE return`: marked for masquerade by another component (kube-proxy),
+    /// left to the chain that marked it.
+    MarkReturn(HonorMark),
+    /// `ip saddr @pod4 ip daddr @nomasq4 counter snat ip to ip saddr`: the guard, an identity
+    /// source NAT that claims the connection so no later NAT chain can masquerade it.
+    Guard(Family),
     /// `ip saddr @pod4 counter masquerade [fully-random]`
     Masquerade {
         /// Address family.
@@ -51,7 +66,8 @@ impl RuleSpec {
     pub fn tag(&self) -> String {
         match self {
             RuleSpec::BridgeReturn(b) => format!("masqd:bridge:{b}"),
-            RuleSpec::Except(f) => format!("masqd:except:{}", f.digit()),
+            RuleSpec::MarkReturn(m) => format!("masqd:mark:{m}"),
+            RuleSpec::Guard(f) => format!("masqd:guard:{}", f.digit()),
             RuleSpec::Masquerade {
                 family,
                 random_fully,
@@ -67,9 +83,15 @@ impl RuleSpec {
     pub fn nft(&self) -> String {
         let body = match self {
             RuleSpec::BridgeReturn(b) => format!("oifname \"{b}\" return"),
-            RuleSpec::Except(f) => {
+            RuleSpec::MarkReturn(m) if m.mask == u32::MAX => {
+                format!("meta mark {:#010x} return", m.value)
+            }
+            RuleSpec::MarkReturn(m) => {
+                format!("meta mark & {:#010x} == {:#010x} return", m.mask, m.value)
+            }
+            RuleSpec::Guard(f) => {
                 let (ip, d) = ip_kw(*f);
-                format!("{ip} saddr @pod{d} {ip} daddr @nomasq{d} counter return")
+                format!("{ip} saddr @pod{d} {ip} daddr @nomasq{d} counter snat {ip} to {ip} saddr")
             }
             RuleSpec::Masquerade {
                 family,
@@ -93,16 +115,24 @@ fn ip_kw(f: Family) -> (&'static str, char) {
     }
 }
 
-/// The rules masqd's chain must hold, in order.
+/// The rules masqd's chain must hold, in order: bridges return (only where masqd masquerades
+/// in nftables), honoured marks return, then per family the guard and the masquerade (the
+/// latter only for families whose policy lives in nftables, not for guard-only ones).
 pub fn desired_rules(p: &Policy) -> Vec<RuleSpec> {
-    let mut rules: Vec<RuleSpec> = p
-        .bridges
-        .iter()
-        .map(|b| RuleSpec::BridgeReturn(b.clone()))
-        .collect();
+    let any_full = Family::ALL.into_iter().any(|f| p.is_full(f));
+    let any = Family::ALL.into_iter().any(|f| p.family(f).is_some());
+    let mut rules: Vec<RuleSpec> = Vec::new();
+    if any_full {
+        rules.extend(p.bridges.iter().map(|b| RuleSpec::BridgeReturn(b.clone())));
+    }
+    if any {
+        rules.extend(p.honor_marks.iter().map(|m| RuleSpec::MarkReturn(*m)));
+    }
     for f in Family::ALL {
         if p.family(f).is_some() {
-            rules.push(RuleSpec::Except(f));
+            rules.push(RuleSpec::Guard(f));
+        }
+        if p.is_full(f) {
             rules.push(RuleSpec::Masquerade {
                 family: f,
                 random_fully: p.random_fully,
@@ -150,7 +180,7 @@ pub struct ObservedRule {
 /// masqd's base chain as observed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedChain {
-    /// Type nat, hook postrouting, priority srcnat, policy accept.
+    /// Type nat, hook postrouting, priority srcnat - 1, policy accept.
     pub base_ok: bool,
     /// Rules in order.
     pub rules: Vec<ObservedRule>,
@@ -229,7 +259,7 @@ pub enum Change {
     FlushChain(String),
     /// `delete chain inet masqd <name>`
     DeleteChain(String),
-    /// `add chain inet masqd postrouting { type nat hook postrouting priority srcnat; policy accept; }`
+    /// `add chain inet masqd postrouting { type nat hook postrouting priority srcnat - 1; policy accept; }`
     AddChain,
     /// `delete rule inet masqd postrouting handle N`
     DeleteRule {
@@ -304,7 +334,7 @@ impl fmt::Display for Change {
             Change::DeleteChain(c) => write!(f, "delete chain inet {TABLE} {c}"),
             Change::AddChain => write!(
                 f,
-                "add chain inet {TABLE} {CHAIN} {{ type nat hook postrouting priority srcnat; policy accept; }}"
+                "add chain inet {TABLE} {CHAIN} {{ type nat hook postrouting priority {CHAIN_PRIORITY_NFT}; policy accept; }}"
             ),
             Change::DeleteRule { handle, comment } => {
                 write!(f, "delete rule inet {TABLE} {CHAIN} handle {handle}")?;

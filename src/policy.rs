@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::Config;
+use crate::config::{Config, HonorMark};
 
 /// An address family masqd handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,6 +190,12 @@ pub struct Policy {
     /// and aggregated, of both families (kept when the policy is restricted to one backend's
     /// families: the default-rule search covers every backend).
     pub default_rule_cidrs: Vec<IpNet>,
+    /// Packet marks left to the component that set them (`meta mark & MASK == VALUE return`).
+    pub honor_marks: Vec<HonorMark>,
+    /// Families present whose nftables part is only the guard (design.md §3.2): their policy
+    /// lives in legacy xtables, and masqd's chain holds only their honoured-mark return and
+    /// identity-SNAT rules, no masquerade of its own.
+    pub guard_only: Vec<Family>,
 }
 
 impl Policy {
@@ -239,7 +245,26 @@ impl Policy {
             bridges: cfg.bridge_interfaces.clone(),
             random_fully: cfg.random_fully,
             replace_default_rule: cfg.replace_default_rule,
+            honor_marks: cfg.honor_marks.clone(),
+            guard_only: Vec::new(),
         }
+    }
+
+    /// The part of the policy that lives in nftables: the families in `full` completely, the
+    /// families in `guard` as the guard only (design.md §3.2), the others not at all.
+    pub fn nft_part(&self, full: &[Family], guard: &[Family]) -> Policy {
+        let both: Vec<Family> = full.iter().chain(guard.iter()).copied().collect();
+        let mut p = self.restricted_to(&both);
+        p.guard_only = Family::ALL
+            .into_iter()
+            .filter(|f| guard.contains(f) && !full.contains(f) && p.family(*f).is_some())
+            .collect();
+        p
+    }
+
+    /// Whether family `f` is present with its whole policy (not only the guard).
+    pub fn is_full(&self, f: Family) -> bool {
+        self.family(f).is_some() && !self.guard_only.contains(&f)
     }
 
     /// The same policy with only the given families present (the others are handled by

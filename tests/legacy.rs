@@ -110,10 +110,18 @@ fn legacy_rules_detected_twice_identically_without_side_effects() {
     let d1 = detect(&ns, &cfg, &state);
     let d2 = detect(&ns, &cfg, &state);
     assert_eq!(d1, d2, "same answer twice");
+    // IPv6 has no evidence of its own and follows IPv4 (design.md §4 step 5).
     assert_eq!(
         backends(&d1),
-        ("legacy".into(), "nft".into()),
-        "IPv4 legacy while IPv6 is nft"
+        ("legacy".into(), "legacy".into()),
+        "IPv6 follows IPv4's legacy evidence"
+    );
+    assert!(
+        d1["ipv6"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("follows ipv4"),
+        "{d1}"
     );
     assert_eq!(d1["ipv4"]["facts"]["legacy_rules"], 1);
     assert_eq!(
@@ -228,10 +236,7 @@ fn own_objects_keep_the_backend() {
     }
     let d = detect(&ns, &auto, &state);
     assert_eq!(backends(&d), ("legacy".into(), "legacy".into()), "{d}");
-    assert!(d["ipv4"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("own objects"));
+    assert!(d["ipv4"]["reason"].as_str().unwrap().contains("own policy"));
     ns.masqd_ok(&auto, &state, &["plan"], 0);
 
     // Switching to nft moves everything and removes the stale legacy objects.
@@ -355,11 +360,24 @@ fn end_to_end_in_legacy() {
     let d = detect(&c.a, &cfg, &state);
     assert_eq!(backends(&d), ("legacy".into(), "legacy".into()), "{d}");
     c.a.masqd_ok(&cfg, &state, &["apply"], 0);
-    assert!(
-        nft_tables(&c.a).is_empty(),
-        "no nft table created: {:?}",
-        nft_tables(&c.a)
+    // The policy lives in legacy xtables; nftables holds only the guard (design.md §3.2):
+    // the honoured-mark return and the identity SNAT, no masquerade of its own.
+    assert_eq!(nft_tables(&c.a), vec!["inet masqd".to_string()]);
+    let guard: Vec<String> = rules(&c.a.ruleset(), "inet", "masqd", "postrouting")
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(guard.len(), 3, "{guard:?}");
+    assert_eq!(guard[0], "meta.mark & 16384 == 16384 return", "{guard:?}");
+    assert_eq!(
+        guard[1],
+        "ip.saddr == @pod4 ip.daddr == @nomasq4 counter snat(ip to ip.saddr)"
     );
+    assert_eq!(
+        guard[2],
+        "ip6.saddr == @pod6 ip6.daddr == @nomasq6 counter snat(ip6 to ip6.saddr)"
+    );
+    assert!(!guard.iter().any(|r| r.contains("masquerade")), "{guard:?}");
 
     assert_eq!(
         seen_source(&c.pa, &c.pb, ip("172.7.22.2"), 8102),
@@ -384,13 +402,15 @@ fn end_to_end_in_legacy() {
     assert!(st["masqueraded_packets"].as_u64().unwrap() >= 2, "{st}");
     assert!(st["excepted_packets"].as_u64().unwrap() >= 2, "{st}");
 
-    // Docker restarts: its rule comes back at the head of POSTROUTING.
+    // Docker restarts: its rule comes back at the head of POSTROUTING. The guard claims the
+    // excepted connection before legacy xtables run, so the source is right even before
+    // masqd removes the rule again.
     c.a.ok_words(
         "iptables-legacy -t nat -I POSTROUTING 1 -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
     );
     assert_eq!(
         seen_source(&c.pa, &c.pb, ip("172.7.22.2"), 8106),
-        Some(ip("10.200.0.1"))
+        Some(ip("172.7.21.2"))
     );
     c.a.masqd_ok(&cfg, &state, &["plan"], 2);
     c.a.masqd_ok(&cfg, &state, &["apply"], 0);

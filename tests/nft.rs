@@ -59,7 +59,7 @@ fn layout_matches_design() {
             Some("postrouting"),
             Some("nat"),
             Some("postrouting"),
-            Some(100),
+            Some(99), // srcnat - 1: before every other NAT chain at the hook
             Some("accept")
         )
     );
@@ -100,12 +100,63 @@ fn layout_matches_design() {
         r,
         vec![
             "meta.oifname == docker0 return",
-            "ip.saddr == @pod4 ip.daddr == @nomasq4 counter return",
+            "meta.mark & 16384 == 16384 return",
+            "ip.saddr == @pod4 ip.daddr == @nomasq4 counter snat(ip to ip.saddr)",
             "ip.saddr == @pod4 counter masquerade",
-            "ip6.saddr == @pod6 ip6.daddr == @nomasq6 counter return",
+            "ip6.saddr == @pod6 ip6.daddr == @nomasq6 counter snat(ip6 to ip6.saddr)",
             "ip6.saddr == @pod6 counter masquerade",
         ]
     );
+    // The same statements as nft itself encodes them (its netlink debug output is the
+    // oracle of the bytes): the identity SNAT reloads the source into register 1.
+    let dbg = ns.ok(&[
+        "nft",
+        "--debug=netlink",
+        "list",
+        "chain",
+        "inet",
+        "masqd",
+        "postrouting",
+    ]);
+    for want in [
+        "[ meta load mark => reg 1 ]\n  [ bitwise reg 1 = ( reg 1 & 0x00004000 ) ^ 0x00000000 ]\n  [ cmp eq reg 1 0x00004000 ]\n  [ immediate reg 0 return ]",
+        "[ counter pkts 0 bytes 0 ]\n  [ payload load 4b @ network header + 12 => reg 1 ]\n  [ nat snat ip addr_min reg 1 addr_max reg 1 flags 0x1 ]",
+        "[ payload load 16b @ network header + 8 => reg 1 ]\n  [ nat snat ip6 addr_min reg 1 addr_max reg 1 flags 0x1 ]",
+    ] {
+        assert!(dbg.contains(want), "{want}\nnot in\n{dbg}");
+    }
+}
+
+#[test]
+fn honor_marks_configurable_and_off() {
+    let ns = Netns::new("mqmark");
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "masqd.toml",
+        &BASE.replace(
+            "bridge_interfaces",
+            "honor_marks = [\"0x4000/0x4000\", \"0x10/0xffffffff\"]\nbridge_interfaces",
+        ),
+    );
+    let state = dir.path().join("state");
+    ns.masqd_ok(&cfg, &state, &["apply"], 0);
+    let r: Vec<String> = rules(&ns.ruleset(), "inet", "masqd", "postrouting")
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(r[1], "meta.mark & 16384 == 16384 return");
+    assert_eq!(r[2], "meta.mark == 16 return");
+    ns.masqd_ok(&cfg, &state, &["plan"], 0);
+    // An empty list turns the mark rule off; the change rebuilds the rules in place.
+    dir.write(
+        "masqd.toml",
+        &BASE.replace("bridge_interfaces", "honor_marks = []\nbridge_interfaces"),
+    );
+    ns.masqd_ok(&cfg, &state, &["apply"], 0);
+    let r = rules(&ns.ruleset(), "inet", "masqd", "postrouting");
+    assert_eq!(r.len(), 5, "{r:?}");
+    assert!(!r.iter().any(|(_, t)| t.contains("mark")), "{r:?}");
+    ns.masqd_ok(&cfg, &state, &["plan"], 0);
 }
 
 #[test]
@@ -203,7 +254,7 @@ fn skeleton_change_rebuilds_rules_not_sets() {
         .map(|x| x.1)
         .collect();
     assert_eq!(r[1], "meta.oifname == cni0 return");
-    assert_eq!(r[3], "ip.saddr == @pod4 counter masquerade(fully-random)");
+    assert_eq!(r[4], "ip.saddr == @pod4 counter masquerade(fully-random)");
     let after = handles(&rs);
     let keep = |v: &Vec<(String, u64)>| {
         v.iter()
@@ -222,7 +273,7 @@ fn skeleton_change_rebuilds_rules_not_sets() {
     ns.masqd_ok(&cfg, &state, &["apply"], 0);
     let rs = ns.ruleset();
     assert!(set_ranges(&rs, "pod6").is_none() && set_ranges(&rs, "nomasq6").is_none());
-    assert_eq!(rules(&rs, "inet", "masqd", "postrouting").len(), 3);
+    assert_eq!(rules(&rs, "inet", "masqd", "postrouting").len(), 4);
     ns.masqd_ok(&cfg, &state, &["plan"], 0);
 }
 
@@ -261,7 +312,7 @@ fn foreign_edits_are_repaired_in_place() {
         table_handle,
         "table never deleted"
     );
-    assert_eq!(rules(&rs, "inet", "masqd", "postrouting").len(), 5);
+    assert_eq!(rules(&rs, "inet", "masqd", "postrouting").len(), 6);
     assert!(!set_ranges(&rs, "nomasq4")
         .unwrap()
         .iter()

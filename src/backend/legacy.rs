@@ -140,6 +140,8 @@ pub struct LegacyObserved {
     pub chain_packets: Vec<u64>,
     /// POSTROUTING's rules (specs), in order.
     pub postrouting: Vec<String>,
+    /// Every rule of the nat table outside masqd's chain: (chain, spec), in order.
+    pub nat_rules: Vec<(String, String)>,
 }
 
 impl LegacyObserved {
@@ -155,9 +157,12 @@ impl LegacyObserved {
                 if chain == CHAIN {
                     o.chain_rules.push(spec);
                     o.chain_packets.push(packets.unwrap_or(0));
-                } else if chain == "POSTROUTING" {
-                    o.postrouting.push(spec);
+                    continue;
                 }
+                if chain == "POSTROUTING" {
+                    o.postrouting.push(spec.clone());
+                }
+                o.nat_rules.push((chain, spec));
             }
         }
         o
@@ -167,6 +172,59 @@ impl LegacyObserved {
     pub fn has_masqd(&self) -> bool {
         self.chain_exists || self.postrouting.iter().any(|r| r == JUMP)
     }
+}
+
+/// The source NAT rules (`-j MASQUERADE`, `-j SNAT`) of the legacy nat table outside masqd's
+/// chain, for [`crate::foreign`]. The handle is the rule's position in its chain, as
+/// `iptables-legacy -t nat -L <chain> --line-numbers` numbers it.
+pub fn nat_rules(f: Family, o: &LegacyObserved) -> Vec<crate::foreign::NatRule> {
+    use crate::foreign::{NatRule, SourceMatch};
+    let mut pos: std::collections::BTreeMap<&str, u64> = Default::default();
+    let mut out = Vec::new();
+    for (chain, spec) in &o.nat_rules {
+        let n = pos.entry(chain.as_str()).or_insert(0);
+        *n += 1;
+        let t: Vec<&str> = spec.split_whitespace().collect();
+        let target = t.windows(2).find(|w| w[0] == "-j").map(|w| w[1]);
+        if !matches!(target, Some("MASQUERADE") | Some("SNAT")) {
+            continue;
+        }
+        let mut source = SourceMatch::Any;
+        for (i, w) in t.iter().enumerate() {
+            if *w == "-s" || *w == "--source" {
+                let neg = i > 0 && t[i - 1] == "!";
+                source = match t.get(i + 1).and_then(|s| parse_saved_net(s)) {
+                    Some(net) if neg => SourceMatch::NotNet(net),
+                    Some(net) => SourceMatch::Net(net),
+                    None => SourceMatch::Unknown,
+                };
+            } else if w.starts_with("--src-range") || *w == "--match-set" {
+                source = SourceMatch::Unknown;
+            }
+        }
+        out.push(NatRule {
+            backend: "legacy",
+            family: Some(f),
+            table_family: match f {
+                Family::V4 => "ip".into(),
+                Family::V6 => "ip6".into(),
+            },
+            table: "nat".into(),
+            chain: chain.clone(),
+            handle: *n,
+            source,
+            text: format!("-A {chain} {spec}"),
+        });
+    }
+    out
+}
+
+/// A CIDR as iptables-save prints it (a host without its prefix length, too).
+fn parse_saved_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
 }
 
 /// Reads the legacy nat table. Equals `iptables-legacy-save -c -t nat`, run only when
@@ -478,6 +536,7 @@ mod tests {
             chain_rules: desired_chain(&fp(), &bridges, false),
             chain_packets: vec![],
             postrouting: vec![JUMP.to_string()],
+            nat_rules: vec![],
         };
         assert_eq!(
             plan(Some((&fp(), &bridges, false)), &synced, &pods, true).payload,
@@ -495,6 +554,35 @@ mod tests {
     }
 
     #[test]
+    fn foreign_nat_rules_of_a_save() {
+        let o = LegacyObserved::from_save(
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n:FLANNEL-POSTRTG - [0:0]\n:MASQD-POSTROUTING - [0:0]\n\
+             -A POSTROUTING -m comment --comment masqd -j MASQD-POSTROUTING\n\
+             -A POSTROUTING -j FLANNEL-POSTRTG\n\
+             -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -j RETURN\n\
+             -A FLANNEL-POSTRTG -s 172.7.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully\n\
+             -A FLANNEL-POSTRTG ! -s 172.7.0.0/16 -d 172.7.21.0/24 -j MASQUERADE\n\
+             -A FLANNEL-POSTRTG -s 10.9.0.5 -j SNAT --to-source 1.2.3.4\n\
+             -A MASQD-POSTROUTING -s 172.7.21.0/24 -j MASQUERADE\nCOMMIT\n",
+        );
+        let r = nat_rules(Family::V4, &o);
+        use crate::foreign::SourceMatch::*;
+        let got: Vec<(&str, u64, &crate::foreign::SourceMatch)> = r
+            .iter()
+            .map(|r| (r.chain.as_str(), r.handle, &r.source))
+            .collect();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("FLANNEL-POSTRTG", 2, &Net(net("172.7.0.0/16"))),
+                ("FLANNEL-POSTRTG", 3, &NotNet(net("172.7.0.0/16"))),
+                ("FLANNEL-POSTRTG", 4, &Net(net("10.9.0.5/32"))),
+            ]
+        );
+    }
+
+    #[test]
     fn jump_not_first_is_moved() {
         let pods: Vec<IpNet> = vec![];
         let bridges: Vec<String> = vec![];
@@ -504,6 +592,7 @@ mod tests {
             chain_rules: desired_chain(&fp(), &bridges, true),
             chain_packets: vec![],
             postrouting: vec!["-s 10.1.0.0/16 -j MASQUERADE".into(), JUMP.into()],
+            nat_rules: vec![],
         };
         let p = plan(Some((&fp(), &bridges, true)), &o, &pods, true)
             .payload

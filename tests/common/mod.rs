@@ -226,6 +226,13 @@ fn render_operand(v: &Value) -> String {
             p["field"].as_str().unwrap_or("?")
         );
     }
+    if let Some(pair) = v.get("&").and_then(Value::as_array) {
+        return format!(
+            "{} & {}",
+            render_operand(&pair[0]),
+            render_operand(&pair[1])
+        );
+    }
     if let Some(p) = v.get("prefix") {
         return format!("{}/{}", p["addr"].as_str().unwrap_or("?"), p["len"]);
     }
@@ -255,6 +262,13 @@ fn render_expr(e: &Value) -> String {
             Some(f) => format!("masquerade({})", render_operand(f)),
             None => "masquerade".into(),
         };
+    }
+    if let Some(n) = e.get("snat") {
+        return format!(
+            "snat({} to {})",
+            n["family"].as_str().unwrap_or("?"),
+            render_operand(&n["addr"])
+        );
     }
     if let Some(x) = e.get("xt") {
         return format!("xt:{}", x["name"].as_str().unwrap_or("?"));

@@ -5,6 +5,7 @@
 //! (masquerade flags for `fully-random`, rule comments, raw expression lists of recorded
 //! rules), rule deletion by handle, element and rule dumps, and the batch itself.
 
+pub mod foreign;
 pub mod netlink;
 
 use anyhow::{Context, Result};
@@ -242,7 +243,8 @@ pub struct NftFacts {
     pub rules: usize,
     /// Chains of the family's tables: (family, table, chain).
     pub chains: Vec<(String, String, String)>,
-    /// Whether masqd's table holds objects of this family (its pod set).
+    /// Whether masqd's table holds the policy of this family (its masquerade rule; the
+    /// guard alone, kept for a legacy family, does not count).
     pub masqd: bool,
 }
 
@@ -275,12 +277,11 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
             .push((fam_kw(f).to_string(), t.to_string(), c.to_string()));
     }
     if table_exists(sock)? {
-        let sets = list_sets(sock)?;
-        let want = crate::plan::pod_set(f);
-        out.masqd = sets.iter().any(|m| {
-            m.attrs().get(a(sys::NFTA_SET_TABLE)).and_then(|x| x.str()) == Some(TABLE)
-                && m.attrs().get(a(sys::NFTA_SET_NAME)).and_then(|x| x.str()) == Some(want.as_str())
-        });
+        // masqd's policy, not the guard that legacy mode keeps here: its masquerade rule.
+        let want = format!("masqd:masquerade:{}", f.digit());
+        out.masqd = list_rules(sock, NFPROTO_INET, TABLE, CHAIN)?
+            .iter()
+            .any(|r| r.comment.as_deref().is_some_and(|c| c.starts_with(&want)));
     }
     Ok(out)
 }
@@ -728,25 +729,79 @@ fn expr_masq(w: &mut Writer, random_fully: bool) {
     });
 }
 
+/// Offset and length of the source or destination address in the network header:
+/// `offsetof(struct iphdr, saddr)` = 12, `daddr` = 16 (4 bytes);
+/// `offsetof(struct ipv6hdr, saddr)` = 8, `daddr` = 24 (16 bytes).
+pub(crate) fn addr_field(f: Family, source: bool) -> (u32, u32) {
+    match (f, source) {
+        (Family::V4, true) => (12, 4),
+        (Family::V4, false) => (16, 4),
+        (Family::V6, true) => (8, 16),
+        (Family::V6, false) => (24, 16),
+    }
+}
+
 /// `ip saddr @set` / `ip6 daddr @set` in an inet table: `meta nfproto` check, payload, lookup.
+///
+/// ```text
+/// [ meta load nfproto => reg 1 ] [ cmp eq reg 1 0x02 ]          (with_proto)
+/// [ payload load 4b @ network header + 12 => reg 1 ] [ lookup reg 1 set pod4 ]
+/// ```
 fn match_addr_set(w: &mut Writer, f: Family, source: bool, set: &str, with_proto: bool) {
     if with_proto {
         expr_meta(w, sys::NFT_META_NFPROTO);
         expr_cmp_eq(w, &[nfproto(f)]);
     }
-    let (off, len) = match (f, source) {
-        (Family::V4, true) => (12, 4),
-        (Family::V4, false) => (16, 4),
-        (Family::V6, true) => (8, 16),
-        (Family::V6, false) => (24, 16),
-    };
+    let (off, len) = addr_field(f, source);
     expr_payload_nh(w, off, len);
     expr_lookup(w, set);
 }
 
-/// Encodes the expressions of one of masqd's rules.
+/// `meta mark & MASK == VALUE` (`meta mark VALUE` when the mask is all ones). The mark is a
+/// host-order u32 in the register, so the constants are too:
+///
+/// ```text
+/// [ meta load mark => reg 1 ]
+/// [ bitwise reg 1 = ( reg 1 & 0x00004000 ) ^ 0x00000000 ]    (mask not all ones)
+/// [ cmp eq reg 1 0x00004000 ]
+/// ```
+fn match_mark(w: &mut Writer, value: u32, mask: u32) {
+    expr_meta(w, sys::NFT_META_MARK);
+    if mask != u32::MAX {
+        put_expr(w, "bitwise", |w| {
+            w.put_be32(a(sys::NFTA_BITWISE_SREG), sys::NFT_REG_1);
+            w.put_be32(a(sys::NFTA_BITWISE_DREG), sys::NFT_REG_1);
+            w.put_be32(a(sys::NFTA_BITWISE_LEN), 4);
+            put_data_value(w, a(sys::NFTA_BITWISE_MASK), &mask.to_ne_bytes());
+            put_data_value(w, a(sys::NFTA_BITWISE_XOR), &0u32.to_ne_bytes());
+        });
+    }
+    expr_cmp_eq(w, &value.to_ne_bytes());
+}
+
+/// `snat ip to ip saddr` / `snat ip6 to ip6 saddr`: the identity source NAT of the guard. The
+/// source address is loaded again (the lookups before it overwrote register 1) and used as
+/// the NAT address; the kernel sets NF_NAT_RANGE_MAP_IPS itself for a register address.
+///
+/// ```text
+/// [ payload load 4b @ network header + 12 => reg 1 ]
+/// [ nat snat ip addr_min reg 1 ]
+/// ```
+fn stmt_identity_snat(w: &mut Writer, f: Family) {
+    let (off, len) = addr_field(f, true);
+    expr_payload_nh(w, off, len);
+    put_expr(w, "nat", |w| {
+        w.put_be32(a(sys::NFTA_NAT_TYPE), sys::NFT_NAT_SNAT);
+        w.put_be32(a(sys::NFTA_NAT_FAMILY), nfproto(f) as u32);
+        w.put_be32(a(sys::NFTA_NAT_REG_ADDR_MIN), sys::NFT_REG_1);
+    });
+}
+
+/// Encodes the expressions of one of masqd's rules (each statement's nft text in
+/// [`RuleSpec::nft`]).
 fn encode_rule_exprs(w: &mut Writer, r: &RuleSpec) {
     match r {
+        // oifname "docker0" return
         RuleSpec::BridgeReturn(b) => {
             expr_meta(w, sys::NFT_META_OIFNAME);
             let mut name = [0u8; IFNAMSIZ];
@@ -755,12 +810,19 @@ fn encode_rule_exprs(w: &mut Writer, r: &RuleSpec) {
             expr_cmp_eq(w, &name);
             expr_return(w);
         }
-        RuleSpec::Except(f) => {
+        // meta mark & 0x00004000 == 0x00004000 return
+        RuleSpec::MarkReturn(m) => {
+            match_mark(w, m.value, m.mask);
+            expr_return(w);
+        }
+        // ip saddr @pod4 ip daddr @nomasq4 counter snat ip to ip saddr
+        RuleSpec::Guard(f) => {
             match_addr_set(w, *f, true, &crate::plan::pod_set(*f), true);
             match_addr_set(w, *f, false, &crate::plan::nomasq_set(*f), false);
             expr_counter(w);
-            expr_return(w);
+            stmt_identity_snat(w, *f);
         }
+        // ip saddr @pod4 counter masquerade [fully-random]
         RuleSpec::Masquerade {
             family,
             random_fully,
@@ -1052,7 +1114,8 @@ pub fn export(p: &crate::policy::Policy) -> String {
     let _ = writeln!(s, "\tchain {CHAIN} {{");
     let _ = writeln!(
         s,
-        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+        "\t\ttype nat hook postrouting priority {}; policy accept;",
+        crate::plan::CHAIN_PRIORITY_NFT
     );
     for r in crate::plan::desired_rules(p) {
         let _ = writeln!(s, "\t\t{}", r.nft());
@@ -1091,8 +1154,8 @@ mod tests {
     #[test]
     fn udata_roundtrip() {
         assert_eq!(
-            udata_comment(&udata_with_comment("masqd:except:4")).as_deref(),
-            Some("masqd:except:4")
+            udata_comment(&udata_with_comment("masqd:guard:4")).as_deref(),
+            Some("masqd:guard:4")
         );
     }
 
