@@ -6,7 +6,11 @@
 //! Bursts coalesce: while a reconcile runs, triggers only mark the state dirty, and one more
 //! reconcile follows. The notifications caused by masqd's own transactions carry the port id
 //! of its apply socket and are ignored, so it never loops on itself. Failures back off
-//! (50 ms doubling to 5 s); a writer that keeps undoing the policy is logged and rate-limited.
+//! (50 ms doubling to 5 s). The guard (design.md §3.1) keeps excepted sources right whatever
+//! else writes NAT rules, so correctness never waits for a repair; the repair rate limit
+//! exists only against a writer that keeps undoing masqd's own table or chain (two daemons
+//! fighting), where unlimited repairs would burn CPU and flood the ruleset. Removing a
+//! re-added broad rule (Docker's restarts) is never rate-limited.
 //! Idle means idle: besides the resync timer and the watchdog, nothing wakes the loop but
 //! events. Stopping leaves the rules in place.
 
@@ -214,8 +218,11 @@ impl Daemon {
                         what.len(),
                         what.join("; ")
                     );
-                    if self.ready && reason != "configuration change" {
+                    let repair = self.ready && reason != "configuration change";
+                    if repair {
                         self.repairs += 1;
+                    }
+                    if repair && plan.touches_own() {
                         self.repair_times.push_back(now);
                         while self
                             .repair_times
@@ -227,8 +234,11 @@ impl Daemon {
                         if self.repair_times.len() >= REPAIR_BURST {
                             if !self.rate_limited_warned {
                                 tracing::warn!(
-                                    "{} repairs in the last {}s: another writer keeps undoing \
-                                     masqd's rules; repairs are now limited to one a second",
+                                    "{} repairs of masqd's own table in the last {}s: another \
+                                     writer keeps undoing it; repairs are now limited to one a \
+                                     second to protect the ruleset and the CPU from the fight \
+                                     (excepted sources stay right through the guard while it \
+                                     is intact; removals of re-added broad rules are not limited)",
                                     self.repair_times.len(),
                                     REPAIR_WINDOW.as_secs()
                                 );

@@ -200,6 +200,24 @@ impl Plan {
             .join(" ")
     }
 
+    /// Whether the plan repairs masqd's own objects (its table, chain, rules, set elements or
+    /// legacy chain), as opposed to only removing a re-added broad default rule or moving
+    /// masqd's legacy jump back to the head (Docker inserts there). With the guard, the
+    /// latter never decide a connection's source; the former do.
+    pub fn touches_own(&self) -> bool {
+        let nft = self
+            .nft
+            .iter()
+            .any(|c| !matches!(c, Change::RemoveDefaultRule(_)));
+        let legacy = self.legacy.iter().any(|(_, lp)| {
+            lp.summary.iter().any(|s| {
+                !s.ends_with("(default rule)")
+                    && s != &format!("insert rule nat POSTROUTING 1 {}", legacy::JUMP)
+            })
+        });
+        nft || legacy
+    }
+
     /// Whether any family's policy lives in legacy xtables.
     fn legacy_first(&self) -> bool {
         !self.detection.families(Backend::Legacy).is_empty()
