@@ -243,3 +243,32 @@ fn missing_or_unreadable_config() {
     std::fs::create_dir(&dir_as_file).unwrap();
     refused(&dir_as_file, &["cannot read the configuration file"]);
 }
+
+#[test]
+fn bad_honor_marks() {
+    for (entry, want) in [
+        ("\"0x4000\"", "is not VALUE/MASK"),
+        ("\"0x4000/0\"", "the mask is zero"),
+        ("\"0x1/0x00000000\"", "the mask is zero"),
+        ("\"0x100000000/0xffffffff\"", "does not fit in 32 bits"),
+        ("\"16384/4294967296\"", "does not fit in 32 bits"),
+        ("\"0xz/0x1\"", "not a hexadecimal number"),
+        ("\"four/0x1\"", "not a number"),
+        ("\"0x8000/0x4000\"", "outside the mask"),
+    ] {
+        let text = GOOD.replace(
+            "bridge_interfaces",
+            &format!("honor_marks = [\n    {entry},\n]\nbridge_interfaces"),
+        );
+        let (_d, p) = cfg(&text);
+        let value = entry.trim_matches('"');
+        refused(&p, &["masqd.toml:6:", "masquerade.honor_marks", value, want]);
+    }
+    let nine: Vec<String> = (1..=9).map(|i| format!("\"{i}/0xff\"")).collect();
+    let text = GOOD.replace(
+        "bridge_interfaces",
+        &format!("honor_marks = [{}]\nbridge_interfaces", nine.join(", ")),
+    );
+    let (_d, p) = cfg(&text);
+    refused(&p, &["masqd.toml:5:", "masquerade.honor_marks", "at most 8"]);
+}
