@@ -1,15 +1,61 @@
 #!/usr/bin/env bash
 # Installs the Debian packages masqd's build, demo and tests need (the Rust toolchain is assumed).
 # libclang-dev: rustables generates its kernel bindings with bindgen at build time.
+# docker.io (dockerd 20.10) and containerd: tests/dockerd.rs runs a real Docker daemon inside a
+# test's network namespace. Nothing may start in the host's namespaces, so the install runs with
+# a /usr/sbin/policy-rc.d that refuses every service start (exit 101); an existing one that
+# already refuses is left alone, any other is restored afterwards.
 set -euo pipefail
-pkgs=(libclang-dev nftables iptables iproute2 socat systemd)
+pkgs=(libclang-dev nftables iptables iproute2 socat systemd containerd docker.io)
 need=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
-if ((${#need[@]})); then
-    echo "installing: ${need[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if ((${#need[@]} == 0)); then
+    exit 0
 fi
+
+policy=/usr/sbin/policy-rc.d
+policy_backup=
+policy_created=0
+restore_policy() {
+    if ((policy_created)); then
+        rm -f "$policy"
+    elif [ -n "$policy_backup" ]; then
+        mv -f "$policy_backup" "$policy"
+    fi
+}
+trap restore_policy EXIT
+# policy-rc.d's contract: exit 101 means "action forbidden".
+rc=0
+if [ -x "$policy" ]; then
+    "$policy" docker start >/dev/null 2>&1 || rc=$?
+fi
+if ((rc != 101)); then
+    if [ -e "$policy" ] || [ -L "$policy" ]; then
+        policy_backup=$(mktemp "$policy.masqd-backup.XXXXXX")
+        cp -a "$policy" "$policy_backup"
+    else
+        policy_created=1
+    fi
+    printf '#!/bin/sh\n# written by masqd scripts/install-deps.sh for the install only\nexit 101\n' >"$policy.tmp"
+    chmod 755 "$policy.tmp"
+    mv -f "$policy.tmp" "$policy"
+fi
+
+echo "installing: ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+restore_policy
+trap - EXIT
+
+# The packages' services must not have started on the host.
+case " ${need[*]} " in *" docker.io "* | *" containerd "*) ;; *) exit 0 ;; esac
+for d in dockerd containerd; do
+    if pgrep -x "$d" >/dev/null; then
+        echo "error: $d is running after the install (pids $(pgrep -x "$d" | tr '\n' ' '));" \
+            "masqd's tests start their own inside network namespaces and never the host's" >&2
+        exit 1
+    fi
+done

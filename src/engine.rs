@@ -154,8 +154,6 @@ pub struct Plan {
     pub legacy: Vec<(Family, LegacyPlan)>,
     /// Legacy observations per family (for status).
     pub legacy_observed: BTreeMap<Family, LegacyObserved>,
-    /// Source NAT rules of other components, in both backends (for status and detect).
-    pub nat_rules: Vec<NatRule>,
     /// Set when change notifications were muted around a large commit and the ruleset
     /// changed in that window by someone else: the caller should reconcile again.
     pub missed_events: bool,
@@ -244,11 +242,9 @@ pub fn make_plan_cached(
         .filter(|f| detection.family(*f).has_guard())
         .collect();
     let nft_policy = policy.nft_part(&detection.families(Backend::Nft), &guard);
-    let mut nat_rules = Vec::new();
     let (observed, nft_changes) = if nft_ok {
         let observed = nft::observe(sock, cache).context("reading the nftables ruleset")?;
         let changes = plan::plan(&nft_policy, &observed);
-        nat_rules = nft::foreign::nat_rules(sock).context("reading other NAT rules")?;
         (observed, changes)
     } else if !detection.families(Backend::Nft).is_empty() {
         return Err(anyhow!(
@@ -291,7 +287,6 @@ pub fn make_plan_cached(
             &policy.default_rule_cidrs,
             policy.replace_default_rule,
         );
-        nat_rules.extend(legacy::nat_rules(f, &lo));
         legacy_observed.insert(f, lo);
         if lp.payload.is_some() {
             legacy_plans.push((f, lp));
@@ -304,15 +299,24 @@ pub fn make_plan_cached(
         nft: nft_changes,
         legacy: legacy_plans,
         legacy_observed,
-        nat_rules,
         missed_events: false,
     })
 }
 
 impl Plan {
     /// The other components' source NAT rules that can apply to the pod traffic of
-    /// `policy`, and what masqd's guard does about each.
-    pub fn overridden(&self, policy: &Policy) -> Vec<Overridden> {
+    /// `policy`, and what masqd's guard does about each: the legacy ones from this plan's
+    /// observation, the nftables ones read now (a dump of every rule, so only the one-shot
+    /// `status` and `detect` ask; reconciles never do). Equals `nft -a list ruleset` plus
+    /// `iptables-legacy-save -t nat`, filtered.
+    pub fn overridden(&self, policy: &Policy, sock: &mut Socket) -> Result<Vec<Overridden>> {
+        let mut rules: Vec<NatRule> = Vec::new();
+        if self.detection.ipv4.has_guard() && self.detection.ipv6.has_guard() {
+            rules = nft::foreign::nat_rules(sock).context("reading other NAT rules")?;
+        }
+        for (f, lo) in &self.legacy_observed {
+            rules.extend(legacy::nat_rules(*f, lo));
+        }
         let removed_nft: Vec<(Family, &str, &str, u64)> = self
             .nft
             .iter()
@@ -341,7 +345,7 @@ impl Plan {
             })
         };
         let guarded = |f: Family| self.detection.family(f).has_guard();
-        foreign::overridden(policy, &self.nat_rules, guarded, removing)
+        Ok(foreign::overridden(policy, &rules, guarded, removing))
     }
 }
 
@@ -523,7 +527,7 @@ pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
                 .iter()
                 .map(|(_, l)| l.removed_defaults.len())
                 .sum::<usize>(),
-        overridden: p.overridden(policy),
+        overridden: p.overridden(policy, &mut sock)?,
     };
     if let Some(t) = &p.observed.table {
         for (name, s) in &t.sets {

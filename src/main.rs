@@ -153,7 +153,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Detect { json } => {
             let mut sock = masqd::backend::nft::netlink::Socket::open()?;
             let p = engine::make_plan(&cfg, &policy, &mut sock)?;
-            let overridden = p.overridden(&policy);
+            let overridden = p.overridden(&policy, &mut sock)?;
             let d = p.detection;
             if *json {
                 let mut v = serde_json::to_value(&d)?;
