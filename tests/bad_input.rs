@@ -262,7 +262,10 @@ fn bad_honor_marks() {
         );
         let (_d, p) = cfg(&text);
         let value = entry.trim_matches('"');
-        refused(&p, &["masqd.toml:6:", "masquerade.honor_marks", value, want]);
+        refused(
+            &p,
+            &["masqd.toml:6:", "masquerade.honor_marks", value, want],
+        );
     }
     let nine: Vec<String> = (1..=9).map(|i| format!("\"{i}/0xff\"")).collect();
     let text = GOOD.replace(
@@ -270,5 +273,8 @@ fn bad_honor_marks() {
         &format!("honor_marks = [{}]\nbridge_interfaces", nine.join(", ")),
     );
     let (_d, p) = cfg(&text);
-    refused(&p, &["masqd.toml:5:", "masquerade.honor_marks", "at most 8"]);
+    refused(
+        &p,
+        &["masqd.toml:5:", "masquerade.honor_marks", "at most 8"],
+    );
 }
