@@ -74,119 +74,149 @@ fn be32(at: Attrs<'_>, ty: impl TryInto<u16>) -> Option<u32> {
 
 /// Decodes a rule's expressions when it holds a source NAT statement; None otherwise.
 pub fn decode(table_family: u8, list: &[u8]) -> Option<Decoded> {
-    let ex = exprs(list);
-    let mut family = match table_family {
-        NFPROTO_IPV4 => Some(Family::V4),
-        NFPROTO_IPV6 => Some(Family::V6),
-        _ => None,
+    let mut d = Decoder {
+        out: Decoded {
+            family: match table_family {
+                NFPROTO_IPV4 => Some(Family::V4),
+                NFPROTO_IPV6 => Some(Family::V6),
+                _ => None,
+            },
+            source: SourceMatch::Any,
+            text: Vec::new(),
+        },
+        nat: false,
+        loaded: None,
+        mask: None,
     };
-    let mut source = SourceMatch::Any;
-    let mut text = Vec::new();
-    let mut nat = false;
-    // The register-1 load of the previous expression, for the cmp/lookup that reads it.
-    let mut loaded: Option<String> = None;
-    let mut mask: Option<Vec<u8>> = None;
-    for (name, data) in &ex {
-        let at = Attrs(data);
-        match name.as_str() {
-            "meta" => {
-                let key = be32(at, sys::NFTA_META_KEY)?;
-                loaded = Some(match key {
-                    sys::NFT_META_NFPROTO => "meta nfproto".into(),
-                    sys::NFT_META_OIFNAME => "oifname".into(),
-                    sys::NFT_META_IIFNAME => "iifname".into(),
-                    sys::NFT_META_MARK => "meta mark".into(),
-                    _ => "meta".into(),
-                });
-                mask = None;
-            }
-            "payload" => {
-                let off = be32(at, sys::NFTA_PAYLOAD_OFFSET)?;
-                let len = be32(at, sys::NFTA_PAYLOAD_LEN)?;
-                let base = be32(at, sys::NFTA_PAYLOAD_BASE)?;
-                let f = family.unwrap_or(if len > 4 { Family::V6 } else { Family::V4 });
-                let kw = if f == Family::V4 { "ip" } else { "ip6" };
-                loaded = Some(if base != sys::NFT_PAYLOAD_NETWORK_HEADER {
-                    "payload".into()
-                } else if off == addr_field(f, true).0 {
-                    format!("{kw} saddr")
-                } else if off == addr_field(f, false).0 {
-                    format!("{kw} daddr")
-                } else {
-                    format!("{kw} @{off},{len}")
-                });
-                mask = None;
-            }
-            "bitwise" => mask = data_value(at, sys::NFTA_BITWISE_MASK).map(<[u8]>::to_vec),
-            "cmp" => {
-                let what = loaded.take().unwrap_or_else(|| "?".into());
-                let neq = be32(at, sys::NFTA_CMP_OP) == Some(sys::NFT_CMP_NEQ);
-                let val = data_value(at, sys::NFTA_CMP_DATA).unwrap_or(&[]);
-                if what == "meta nfproto" {
-                    family = match val.first() {
-                        Some(&p) if p == NFPROTO_IPV4 => Some(Family::V4),
-                        Some(&p) if p == NFPROTO_IPV6 => Some(Family::V6),
-                        _ => family,
-                    };
-                    continue;
-                }
-                let shown = show_value(&what, val, mask.as_deref(), family);
-                if what.ends_with(" saddr") {
-                    source = match shown.1 {
-                        Some(n) if neq => SourceMatch::NotNet(n),
-                        Some(n) => SourceMatch::Net(n),
-                        None => SourceMatch::Unknown,
-                    };
-                }
-                text.push(format!(
-                    "{what} {}{}",
-                    if neq { "!= " } else { "" },
-                    shown.0
-                ));
-            }
-            "lookup" => {
-                let what = loaded.take().unwrap_or_else(|| "?".into());
-                let set = at
-                    .get(a(sys::NFTA_LOOKUP_SET))
-                    .and_then(|x| x.str())
-                    .unwrap_or("?");
-                let inv = be32(at, sys::NFTA_LOOKUP_FLAGS).unwrap_or(0) & NFT_LOOKUP_F_INV != 0;
-                if what.ends_with(" saddr") {
-                    source = SourceMatch::Unknown;
-                }
-                text.push(format!("{what} {}@{set}", if inv { "!= " } else { "" }));
-            }
-            "counter" => text.push("counter".into()),
+    for (name, data) in &exprs(list) {
+        d.step(name, Attrs(data))?;
+    }
+    d.nat.then_some(d.out)
+}
+
+/// The state of [`decode`] between expressions.
+struct Decoder {
+    out: Decoded,
+    /// Whether a source NAT statement was seen.
+    nat: bool,
+    /// What the last load put into register 1, for the cmp / lookup that reads it.
+    loaded: Option<String>,
+    /// The mask a bitwise applied to that register.
+    mask: Option<Vec<u8>>,
+}
+
+impl Decoder {
+    /// One expression; None when the rule is a destination NAT (not ours to list).
+    fn step(&mut self, name: &str, at: Attrs<'_>) -> Option<()> {
+        match name {
+            "meta" => self.meta(be32(at, sys::NFTA_META_KEY)?),
+            "payload" => self.payload(at)?,
+            "bitwise" => self.mask = data_value(at, sys::NFTA_BITWISE_MASK).map(<[u8]>::to_vec),
+            "cmp" => self.cmp(at),
+            "lookup" => self.lookup(at),
+            "counter" => self.out.text.push("counter".into()),
             "masq" => {
-                nat = true;
-                text.push("masquerade".into());
+                self.nat = true;
+                self.out.text.push("masquerade".into());
             }
             "nat" => {
                 if be32(at, sys::NFTA_NAT_TYPE) != Some(sys::NFT_NAT_SNAT) {
                     return None;
                 }
-                nat = true;
-                text.push("snat".into());
+                self.nat = true;
+                self.out.text.push("snat".into());
             }
             "target" => {
                 let t = at
                     .get(NFTA_TARGET_NAME)
                     .and_then(|x| x.str())
                     .unwrap_or("?");
-                if t == "MASQUERADE" || t == "SNAT" {
-                    nat = true;
-                }
-                text.push(format!("xt target {t}"));
+                self.nat |= t == "MASQUERADE" || t == "SNAT";
+                self.out.text.push(format!("xt target {t}"));
             }
-            "immediate" => text.push("(verdict)".into()),
-            other => text.push(format!("({other})")),
+            "immediate" => self.out.text.push("(verdict)".into()),
+            other => self.out.text.push(format!("({other})")),
         }
+        Some(())
     }
-    nat.then_some(Decoded {
-        family,
-        source,
-        text,
-    })
+
+    /// `[ meta load <key> => reg 1 ]`
+    fn meta(&mut self, key: u32) {
+        self.loaded = Some(
+            match key {
+                sys::NFT_META_NFPROTO => "meta nfproto",
+                sys::NFT_META_OIFNAME => "oifname",
+                sys::NFT_META_IIFNAME => "iifname",
+                sys::NFT_META_MARK => "meta mark",
+                _ => "meta",
+            }
+            .into(),
+        );
+        self.mask = None;
+    }
+
+    /// `[ payload load <len>b @ network header + <off> => reg 1 ]`
+    fn payload(&mut self, at: Attrs<'_>) -> Option<()> {
+        let off = be32(at, sys::NFTA_PAYLOAD_OFFSET)?;
+        let len = be32(at, sys::NFTA_PAYLOAD_LEN)?;
+        let base = be32(at, sys::NFTA_PAYLOAD_BASE)?;
+        let f = self
+            .out
+            .family
+            .unwrap_or(if len > 4 { Family::V6 } else { Family::V4 });
+        let kw = if f == Family::V4 { "ip" } else { "ip6" };
+        self.loaded = Some(if base != sys::NFT_PAYLOAD_NETWORK_HEADER {
+            "payload".into()
+        } else if off == addr_field(f, true).0 {
+            format!("{kw} saddr")
+        } else if off == addr_field(f, false).0 {
+            format!("{kw} daddr")
+        } else {
+            format!("{kw} @{off},{len}")
+        });
+        self.mask = None;
+        Some(())
+    }
+
+    /// `[ cmp eq|neq reg 1 <value> ]`
+    fn cmp(&mut self, at: Attrs<'_>) {
+        let what = self.loaded.take().unwrap_or_else(|| "?".into());
+        let neq = be32(at, sys::NFTA_CMP_OP) == Some(sys::NFT_CMP_NEQ);
+        let val = data_value(at, sys::NFTA_CMP_DATA).unwrap_or(&[]);
+        if what == "meta nfproto" {
+            match val.first() {
+                Some(&p) if p == NFPROTO_IPV4 => self.out.family = Some(Family::V4),
+                Some(&p) if p == NFPROTO_IPV6 => self.out.family = Some(Family::V6),
+                _ => {}
+            }
+            return;
+        }
+        let (shown, net) = show_value(&what, val, self.mask.as_deref(), self.out.family);
+        if what.ends_with(" saddr") {
+            self.out.source = match net {
+                Some(n) if neq => SourceMatch::NotNet(n),
+                Some(n) => SourceMatch::Net(n),
+                None => SourceMatch::Unknown,
+            };
+        }
+        let op = if neq { "!= " } else { "" };
+        self.out.text.push(format!("{what} {op}{shown}"));
+    }
+
+    /// `[ lookup reg 1 set <name> [0x1 = inverted] ]`
+    fn lookup(&mut self, at: Attrs<'_>) {
+        let what = self.loaded.take().unwrap_or_else(|| "?".into());
+        let set = at
+            .get(a(sys::NFTA_LOOKUP_SET))
+            .and_then(|x| x.str())
+            .unwrap_or("?");
+        let inv = be32(at, sys::NFTA_LOOKUP_FLAGS).unwrap_or(0) & NFT_LOOKUP_F_INV != 0;
+        if what.ends_with(" saddr") {
+            self.out.source = SourceMatch::Unknown;
+        }
+        let op = if inv { "!= " } else { "" };
+        self.out.text.push(format!("{what} {op}@{set}"));
+    }
 }
 
 /// The text of a compared value, and the network when it is an address (with its mask).
@@ -233,4 +263,96 @@ fn show_value(
     }
     let hex: String = val.iter().map(|b| format!("{b:02x}")).collect();
     (format!("0x{hex}"), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::netlink::Writer;
+    use super::super::{
+        expr_cmp_eq, expr_counter, expr_masq, expr_meta, expr_payload_nh, put_data_value, put_expr,
+    };
+    use super::*;
+
+    fn saddr_cmp(w: &mut Writer, prefix: &[u8], neq: bool) {
+        expr_payload_nh(w, 12, prefix.len() as u32);
+        put_expr(w, "cmp", |w| {
+            w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
+            let op = if neq {
+                sys::NFT_CMP_NEQ
+            } else {
+                sys::NFT_CMP_EQ
+            };
+            w.put_be32(a(sys::NFTA_CMP_OP), op);
+            put_data_value(w, a(sys::NFTA_CMP_DATA), prefix);
+        });
+    }
+
+    #[test]
+    fn docker_and_kube_proxy_rules() {
+        // oifname != "docker0" ip saddr 172.7.21.0/24 counter masquerade (Docker 29)
+        let mut w = Writer::default();
+        expr_meta(&mut w, sys::NFT_META_OIFNAME);
+        put_expr(&mut w, "cmp", |w| {
+            w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
+            w.put_be32(a(sys::NFTA_CMP_OP), sys::NFT_CMP_NEQ);
+            put_data_value(w, a(sys::NFTA_CMP_DATA), b"docker0\0");
+        });
+        saddr_cmp(&mut w, &[172, 7, 21], false);
+        expr_counter(&mut w);
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(d.source, SourceMatch::Net("172.7.21.0/24".parse().unwrap()));
+        assert_eq!(
+            d.text.join(" "),
+            "oifname != \"docker0\" ip saddr 172.7.21.0/24 counter masquerade"
+        );
+        // masquerade fully-random alone (kube-proxy's masquerading chain): any source.
+        let mut w = Writer::default();
+        expr_masq(&mut w, true);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(d.source, SourceMatch::Any);
+        // ip saddr != 172.7.0.0/16 masquerade
+        let mut w = Writer::default();
+        saddr_cmp(&mut w, &[172, 7], true);
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(
+            d.source,
+            SourceMatch::NotNet("172.7.0.0/16".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn no_source_nat_no_rule() {
+        // A filter rule, and a destination NAT, are not listed.
+        let mut w = Writer::default();
+        saddr_cmp(&mut w, &[10, 0, 0, 1], false);
+        expr_counter(&mut w);
+        assert!(decode(NFPROTO_IPV4, &w.into_bytes()).is_none());
+        let mut w = Writer::default();
+        put_expr(&mut w, "nat", |w| {
+            w.put_be32(a(sys::NFTA_NAT_TYPE), sys::NFT_NAT_DNAT);
+        });
+        assert!(decode(NFPROTO_IPV4, &w.into_bytes()).is_none());
+        // Garbage never panics.
+        assert!(decode(NFPROTO_INET, &[0xff; 37]).is_none());
+    }
+
+    #[test]
+    fn inet_family_from_nfproto() {
+        // meta nfproto ipv6 ip6 saddr @pods masquerade (a set: source unknown)
+        let mut w = Writer::default();
+        expr_meta(&mut w, sys::NFT_META_NFPROTO);
+        expr_cmp_eq(&mut w, &[NFPROTO_IPV6]);
+        expr_payload_nh(&mut w, 8, 16);
+        put_expr(&mut w, "lookup", |w| {
+            w.put_str(a(sys::NFTA_LOOKUP_SET), "pods");
+            w.put_be32(a(sys::NFTA_LOOKUP_SREG), sys::NFT_REG_1);
+        });
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_INET, &w.into_bytes()).unwrap();
+        assert_eq!(d.family, Some(Family::V6));
+        assert_eq!(d.source, SourceMatch::Unknown);
+        assert_eq!(d.text.join(" "), "ip6 saddr @pods masquerade");
+    }
 }
