@@ -123,6 +123,12 @@ impl HonorMark {
                 "{s:?}: the mask is zero, so every packet would match; give the bits to compare"
             ));
         }
+        if value == 0 {
+            return Err(format!(
+                "{s:?}: a value of 0 would leave every unmarked packet alone and switch masqd \
+                 off; give the bits that mark a packet for masquerade (kube-proxy: \"0x4000/0x4000\")"
+            ));
+        }
         if value & !mask != 0 {
             return Err(format!(
                 "{s:?}: the value has bits outside the mask ({:#x}), so no packet could match",
@@ -877,6 +883,7 @@ mode = "nft"
             ("0xg/1", "hexadecimal"),
             ("-1/1", "not a number"),
             ("0x8000/0x4000", "outside the mask"),
+            ("0x0/0x4000", "switch masqd off"),
             ("/1", "not a number"),
         ] {
             let text = format!("{base}random_fully = false\nhonor_marks = [\n  \"{bad}\",\n]\n");

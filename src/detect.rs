@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::backend::legacy;
@@ -180,16 +180,27 @@ pub fn system_default(f: Family, facts: &mut Facts) {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let script = std::fs::File::open(&resolved)
+        .and_then(|mut f| {
+            let mut b = [0u8; 2];
+            std::io::Read::read_exact(&mut f, &mut b).map(|_| b == *b"#!")
+        })
+        .unwrap_or(true);
     facts.system_default = variant_of_name(&file).or_else(|| {
+        // A script (kubernetes-sigs' iptables-wrapper) picks a mode when run: never run it.
+        if script {
+            return None;
+        }
         exec::run(&path, &["-V"], None, exec::DEFAULT_TIMEOUT)
             .ok()
             .and_then(|o| variant_of_version(&o.stdout))
     });
 }
 
-/// `xtables-legacy-multi`, `iptables-legacy` → legacy; `xtables-nft-multi`, `iptables-nft` → nft.
+/// `xtables-legacy-multi`, `iptables-legacy` → legacy; `xtables-nft-multi`, `iptables-nft` → nft;
+/// `xtables-multi` (iptables before 1.8, which had only the legacy variant) → legacy.
 fn variant_of_name(file: &str) -> Option<Backend> {
-    if file.contains("legacy") {
+    if file.contains("legacy") || file == "xtables-multi" {
         Some(Backend::Legacy)
     } else if file.contains("-nft") {
         Some(Backend::Nft)
@@ -198,14 +209,19 @@ fn variant_of_name(file: &str) -> Option<Backend> {
     }
 }
 
-/// `iptables v1.8.9 (legacy)` → legacy, `iptables v1.8.9 (nf_tables)` → nft.
+/// `iptables v1.8.9 (legacy)` → legacy, `iptables v1.8.9 (nf_tables)` → nft; a version before
+/// 1.8 without either word (`iptables v1.6.1`) → legacy, the only variant it had.
 fn variant_of_version(text: &str) -> Option<Backend> {
     if text.contains("(legacy)") {
         Some(Backend::Legacy)
     } else if text.contains("(nf_tables)") {
         Some(Backend::Nft)
     } else {
-        None
+        let v = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("v1."))?;
+        let minor: u32 = v.split('.').next()?.parse().ok()?;
+        (minor < 8).then_some(Backend::Legacy)
     }
 }
 
@@ -214,9 +230,18 @@ pub fn gather(f: Family, sock: &mut Socket) -> Result<Facts> {
     let mut facts = Facts::default();
     legacy_facts(f, &mut facts);
     system_default(f, &mut facts);
-    facts.nft_unavailable = nft::genid(sock).is_err();
-    if facts.nft_unavailable {
-        return Ok(facts);
+    match nft::genid(sock) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.errno(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EPROTONOSUPPORT)
+            ) =>
+        {
+            facts.nft_unavailable = true;
+            return Ok(facts);
+        }
+        Err(e) => return Err(e).context("asking nf_tables for the ruleset generation"),
     }
     let n = nft::facts(sock, f)?;
     facts.nft_rules = n.rules;
@@ -246,18 +271,26 @@ pub fn decide_both(mode: BackendMode, facts: [&Facts; 2]) -> [Result<Decision, S
         match &own[i] {
             Err(e) => Err(e.clone()),
             Ok(Some(d)) => Ok(d.clone()),
-            Ok(None) => match other {
-                Ok(Some(d)) => usable(
-                    f,
-                    facts[i],
-                    d.backend,
-                    format!("no evidence for {f}; follows {other_f}: {}", d.reason),
-                ),
-                _ => {
-                    let (b, why) = default_of(f, facts[i]);
-                    usable(f, facts[i], b, why)
+            Ok(None) => {
+                let (b, why) = default_of(f, facts[i]);
+                let own_default = usable(f, facts[i], b, why);
+                match other {
+                    Ok(Some(d)) => usable(
+                        f,
+                        facts[i],
+                        d.backend,
+                        format!("no evidence for {f}; follows {other_f}: {}", d.reason),
+                    )
+                    .or_else(|e| {
+                        // It cannot follow (no legacy binaries for this family): its own default.
+                        own_default.map(|mut o| {
+                            o.reason = format!("{}; not following {other_f} ({e})", o.reason);
+                            o
+                        })
+                    }),
+                    _ => own_default,
                 }
-            },
+            }
         }
     };
     [pick(0), pick(1)]
@@ -583,7 +616,12 @@ mod tests {
             variant_of_version("iptables v1.8.9 (nf_tables)\n"),
             Some(Backend::Nft)
         );
-        assert_eq!(variant_of_version("iptables v1.4.21\n"), None);
+        assert_eq!(
+            variant_of_version("iptables v1.4.21\n"),
+            Some(Backend::Legacy)
+        );
+        assert_eq!(variant_of_version("iptables v1.8.9\n"), None);
+        assert_eq!(variant_of_name("xtables-multi"), Some(Backend::Legacy));
     }
 
     #[test]
@@ -606,13 +644,13 @@ mod tests {
         v6.nft_rules = 3;
         let [_, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
         assert_eq!(b.unwrap().backend, Backend::Nft);
-        // Following into legacy without the binaries is an error that says so.
+        // It cannot follow into legacy without the binaries: its own default, saying why.
         let mut v6 = facts(false);
         v6.system_default = None;
         let [_, b] = decide_both(BackendMode::Auto, [&v4, &v6]);
-        assert!(b
-            .unwrap_err()
-            .contains("ip6tables-legacy-restore is not on PATH"));
+        let b = b.unwrap();
+        assert_eq!(b.backend, Backend::Nft);
+        assert!(b.reason.contains("not following ipv4"), "{}", b.reason);
     }
 
     #[test]

@@ -198,21 +198,18 @@ impl Plan {
             .join(" ")
     }
 
-    /// Whether the plan repairs masqd's own objects (its table, chain, rules, set elements or
-    /// legacy chain), as opposed to only removing a re-added broad default rule or moving
-    /// masqd's legacy jump back to the head (Docker inserts there). With the guard, the
-    /// latter never decide a connection's source; the former do.
+    /// Whether the plan repairs masqd's own objects (its table, chain, rules, set elements,
+    /// legacy chain or jump), as opposed to only removing a re-added broad default rule, which
+    /// with the guard never decides a connection's source.
     pub fn touches_own(&self) -> bool {
         let nft = self
             .nft
             .iter()
             .any(|c| !matches!(c, Change::RemoveDefaultRule(_)));
-        let legacy = self.legacy.iter().any(|(_, lp)| {
-            lp.summary.iter().any(|s| {
-                !s.ends_with("(default rule)")
-                    && s != &format!("insert rule nat POSTROUTING 1 {}", legacy::JUMP)
-            })
-        });
+        let legacy = self
+            .legacy
+            .iter()
+            .any(|(_, lp)| lp.summary.iter().any(|s| !s.ends_with("(default rule)")));
         nft || legacy
     }
 

@@ -40,6 +40,9 @@ pub struct NatRule {
     pub chain: String,
     /// nft handle, or the 1-based position in the legacy chain.
     pub handle: u64,
+    /// Priority of the postrouting NAT chain it runs in (for a regular chain: the earliest
+    /// such base chain of its table; legacy xtables: 100).
+    pub priority: i32,
     /// The source match.
     pub source: SourceMatch,
     /// The rule in nft-like (or iptables-save) text.
@@ -93,7 +96,14 @@ pub fn overridden(
             if !applies(&r.source, &fp.pod_cidrs) {
                 continue;
             }
-            let reason = if removing(r) {
+            let reason = if r.priority <= crate::plan::CHAIN_PRIORITY {
+                format!(
+                    "NOT overridden: it runs at priority {}, not after masqd's guard ({}), so it \
+                     can masquerade excepted pod traffic",
+                    r.priority,
+                    crate::plan::CHAIN_PRIORITY_NFT
+                )
+            } else if removing(r) {
                 "the broad default rule for this node's pod CIDRs: masqd removes it (recorded \
                  for teardown)"
                     .to_string()
@@ -158,6 +168,7 @@ mod tests {
             table: "docker-bridges".into(),
             chain: "nat-POSTROUTING-docker0".into(),
             handle: 7,
+            priority: 100,
             source,
             text: "masquerade".into(),
         }
@@ -212,7 +223,16 @@ mod tests {
         );
         let o = overridden(&p, std::slice::from_ref(&r), |_| false, |_| false);
         assert!(o[0].reason.starts_with("not overridden"), "{}", o[0].reason);
-        let o = overridden(&p, &[r], |_| true, |x| x.handle == 7);
+        let o = overridden(&p, std::slice::from_ref(&r), |_| true, |x| x.handle == 7);
         assert!(o[0].reason.contains("masqd removes it"), "{}", o[0].reason);
+        // A chain that runs before the guard is not overridden, and status says so.
+        let early = NatRule { priority: 90, ..r };
+        let o = overridden(&p, &[early], |_| true, |_| false);
+        assert!(
+            o[0].reason
+                .starts_with("NOT overridden: it runs at priority 90"),
+            "{}",
+            o[0].reason
+        );
     }
 }

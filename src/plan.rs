@@ -115,17 +115,15 @@ fn ip_kw(f: Family) -> (&'static str, char) {
     }
 }
 
-/// The rules masqd's chain must hold, in order: bridges return (only where masqd masquerades
-/// in nftables), honoured marks return, then per family the guard and the masquerade (the
-/// latter only for families whose policy lives in nftables, not for guard-only ones).
+/// The rules masqd's chain must hold, in order: bridges return, honoured marks return, then
+/// per family the guard and the masquerade (the latter only for families whose policy lives
+/// in nftables, not for guard-only ones). The bridge return precedes the guard in legacy mode
+/// too: traffic leaving through a bridge (hairpin to a published port) is untouched, so a
+/// hairpin masquerade of another component still applies.
 pub fn desired_rules(p: &Policy) -> Vec<RuleSpec> {
-    let any_full = Family::ALL.into_iter().any(|f| p.is_full(f));
-    let any = Family::ALL.into_iter().any(|f| p.family(f).is_some());
     let mut rules: Vec<RuleSpec> = Vec::new();
-    if any_full {
+    if Family::ALL.into_iter().any(|f| p.family(f).is_some()) {
         rules.extend(p.bridges.iter().map(|b| RuleSpec::BridgeReturn(b.clone())));
-    }
-    if any {
         rules.extend(p.honor_marks.iter().map(|m| RuleSpec::MarkReturn(*m)));
     }
     for f in Family::ALL {

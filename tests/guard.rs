@@ -370,6 +370,15 @@ fn churn(mode: &str, writer: &str) -> (BTreeMap<IpAddr, usize>, usize) {
     stop.store(true, Ordering::SeqCst);
     let seen = server.join().unwrap();
     assert_eq!(failed, 0, "every connection was accepted");
+    // The daemon also removed the re-added rule each time (hygiene): it ends in sync.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.a.masqd(&cfg, &state, &["plan"]).status.code() != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never removed the broad rule"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     (seen, inserts)
 }
 
@@ -471,6 +480,34 @@ fn detect_names_the_guard_and_the_overridden_rules() {
     let d: Value =
         serde_json::from_str(&c.a.masqd_ok(&cfg, &state, &["detect", "--json"], 0)).unwrap();
     assert!(d["overridden"].as_array().unwrap().len() >= 4, "{d}");
+    // A masquerade that runs before the guard is named as NOT overridden, and it really wins.
+    nft_load(
+        &c.a,
+        "table ip early {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat - 10; policy accept;\n\t\tip saddr 172.7.21.0/24 tcp dport 8501 masquerade\n\t}\n}\n",
+    );
+    let d: Value =
+        serde_json::from_str(&c.a.masqd_ok(&cfg, &state, &["detect", "--json"], 0)).unwrap();
+    let early = d["overridden"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["table"] == "ip early")
+        .unwrap_or_else(|| panic!("ip early not listed: {d}"))
+        .clone();
+    assert!(
+        early["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("NOT overridden: it runs at priority 90"),
+        "{early}"
+    );
+    c.a.masqd_ok(&cfg, &state, &["apply"], 0);
+    assert_eq!(
+        seen_source(&c.pa, &c.pb, ip("172.7.22.2"), 8501),
+        Some(ip("10.200.0.1")),
+        "a chain before the guard wins, as status says"
+    );
+    c.a.ok(&["nft", "delete", "table", "ip", "early"]);
     // After apply in legacy mode the guard is in nftables, and detection still says legacy
     // (the guard is not masqd's nft policy: no flip-flop).
     c.a.masqd_ok(&cfg, &state, &["apply"], 0);

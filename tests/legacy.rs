@@ -361,20 +361,21 @@ fn end_to_end_in_legacy() {
     assert_eq!(backends(&d), ("legacy".into(), "legacy".into()), "{d}");
     c.a.masqd_ok(&cfg, &state, &["apply"], 0);
     // The policy lives in legacy xtables; nftables holds only the guard (design.md §3.2):
-    // the honoured-mark return and the identity SNAT, no masquerade of its own.
+    // the bridge and honoured-mark returns and the identity SNAT, no masquerade of its own.
     assert_eq!(nft_tables(&c.a), vec!["inet masqd".to_string()]);
     let guard: Vec<String> = rules(&c.a.ruleset(), "inet", "masqd", "postrouting")
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    assert_eq!(guard.len(), 3, "{guard:?}");
-    assert_eq!(guard[0], "meta.mark & 16384 == 16384 return", "{guard:?}");
+    assert_eq!(guard.len(), 4, "{guard:?}");
+    assert_eq!(guard[0], "meta.oifname == docker0 return", "{guard:?}");
+    assert_eq!(guard[1], "meta.mark & 16384 == 16384 return", "{guard:?}");
     assert_eq!(
-        guard[1],
+        guard[2],
         "ip.saddr == @pod4 ip.daddr == @nomasq4 counter snat(ip to ip.saddr)"
     );
     assert_eq!(
-        guard[2],
+        guard[3],
         "ip6.saddr == @pod6 ip6.daddr == @nomasq6 counter snat(ip6 to ip6.saddr)"
     );
     assert!(!guard.iter().any(|r| r.contains("masquerade")), "{guard:?}");

@@ -212,6 +212,7 @@ pub fn nat_rules(f: Family, o: &LegacyObserved) -> Vec<crate::foreign::NatRule> 
             table: "nat".into(),
             chain: chain.clone(),
             handle: *n,
+            priority: 100, // iptable_nat's NF_IP_PRI_NAT_SRC
             source,
             text: format!("-A {chain} {spec}"),
         });

@@ -108,12 +108,15 @@ impl Netns {
         self.ok(&["nft", "-j", "list", "ruleset"])
     }
 
-    /// Runs masqd in the namespace with a config file and a state dir.
+    /// Runs masqd in the namespace with a config file and a state dir. PATH is pinned to one
+    /// whose `iptables`/`ip6tables` are the nft variant, so detection's system default is the
+    /// same whatever the host's alternatives say.
     pub fn masqd(&self, cfg: &Path, state: &Path, args: &[&str]) -> Output {
         let bin = env!("CARGO_BIN_EXE_masqd");
         let cfg = cfg.to_str().unwrap();
         let state = state.to_str().unwrap();
-        let mut v = vec![bin, "--config", cfg, "--state-dir", state];
+        let path = nft_variant_path();
+        let mut v = vec!["env", &path, bin, "--config", cfg, "--state-dir", state];
         v.extend_from_slice(args);
         self.exec(&v)
     }
@@ -150,6 +153,22 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// `PATH=<dir>:/usr/sbin:/usr/bin:/sbin:/bin` where `<dir>` holds `iptables` and `ip6tables`
+/// linked to their nft variants (made once per test process).
+pub fn nft_variant_path() -> String {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("masqd-test-path-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for cmd in ["iptables", "ip6tables"] {
+            let _ = std::fs::remove_file(d.join(cmd));
+            std::os::unix::fs::symlink(format!("/usr/sbin/{cmd}-nft"), d.join(cmd)).unwrap();
+        }
+        d
+    });
+    format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", dir.display())
 }
 
 /// Runs a host command (only `ip` with `-n`/`netns`, never touching the host's firewall).

@@ -19,6 +19,7 @@ const NFT_LOOKUP_F_INV: u32 = 1;
 /// `nft -a list ruleset` filtered to rules with a `masquerade` or `snat` statement (or the
 /// xtables `MASQUERADE` / `SNAT` targets iptables-nft writes).
 pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
+    let prio = postrouting_priorities(sock)?;
     let msgs = retry(|| sock.dump(sys::NFT_MSG_GETRULE, 0, "list ruleset (rules)", |_| {}))?;
     let mut out = Vec::new();
     for m in &msgs {
@@ -35,8 +36,18 @@ pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
         let Some(list) = at.get(a(sys::NFTA_RULE_EXPRESSIONS)) else {
             continue;
         };
+        let key = (m.family, table.to_string());
+        let priority = match prio.get(&(key.clone(), chain.to_string())) {
+            Some(Some(p)) => *p,
+            Some(None) => continue, // a base chain at another hook: not pod traffic leaving
+            None => match prio.get(&(key, String::new())) {
+                Some(Some(p)) => *p,
+                _ => continue, // no postrouting chain in its table can reach it
+            },
+        };
         if let Some(d) = decode(m.family, list.data) {
             out.push(NatRule {
+                priority,
                 backend: "nft",
                 family: d.family,
                 table_family: family_name(m.family).to_string(),
@@ -46,6 +57,40 @@ pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
                 source: d.source,
                 text: d.text.join(" "),
             });
+        }
+    }
+    Ok(out)
+}
+
+/// Base chains of every table: ((family, table), chain) → Some(priority) for a postrouting
+/// chain, None for a base chain at another hook; ((family, table), "") → the earliest
+/// postrouting priority of the table (what its regular chains, reached by jumps, run at).
+/// Equals `nft list chains`.
+type Priorities = std::collections::HashMap<((u8, String), String), Option<i32>>;
+
+fn postrouting_priorities(sock: &mut Socket) -> Result<Priorities> {
+    let msgs = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, 0, "list chains", |_| {}))?;
+    let mut out = Priorities::new();
+    for m in &msgs {
+        let at = m.attrs();
+        let table = at.get(a(sys::NFTA_CHAIN_TABLE)).and_then(|x| x.str());
+        let chain = at.get(a(sys::NFTA_CHAIN_NAME)).and_then(|x| x.str());
+        let (Some(table), Some(chain)) = (table, chain) else {
+            continue;
+        };
+        let Some(hook) = at.get(a(sys::NFTA_CHAIN_HOOK)) else {
+            continue; // a regular chain
+        };
+        let num = be32(hook.nested(), sys::NFTA_HOOK_HOOKNUM);
+        let p = be32(hook.nested(), sys::NFTA_HOOK_PRIORITY).map(|p| p as i32);
+        let key = (m.family, table.to_string());
+        let post = (num == Some(libc::NF_INET_POST_ROUTING as u32))
+            .then_some(p)
+            .flatten();
+        out.insert((key.clone(), chain.to_string()), post);
+        if let Some(p) = post {
+            let e = out.entry((key, String::new())).or_insert(Some(p));
+            *e = Some(e.map_or(p, |q| q.min(p)));
         }
     }
     Ok(out)
@@ -181,7 +226,9 @@ impl Decoder {
     /// `[ cmp eq|neq reg 1 <value> ]`
     fn cmp(&mut self, at: Attrs<'_>) {
         let what = self.loaded.take().unwrap_or_else(|| "?".into());
-        let neq = be32(at, sys::NFTA_CMP_OP) == Some(sys::NFT_CMP_NEQ);
+        let op = be32(at, sys::NFTA_CMP_OP);
+        let neq = op == Some(sys::NFT_CMP_NEQ);
+        let exact = neq || op == Some(sys::NFT_CMP_EQ);
         let val = data_value(at, sys::NFTA_CMP_DATA).unwrap_or(&[]);
         if what == "meta nfproto" {
             match val.first() {
@@ -194,12 +241,21 @@ impl Decoder {
         let (shown, net) = show_value(&what, val, self.mask.as_deref(), self.out.family);
         if what.ends_with(" saddr") {
             self.out.source = match net {
+                _ if !exact => SourceMatch::Unknown,
                 Some(n) if neq => SourceMatch::NotNet(n),
                 Some(n) => SourceMatch::Net(n),
                 None => SourceMatch::Unknown,
             };
         }
-        let op = if neq { "!= " } else { "" };
+        let op = match op {
+            Some(o) if o == sys::NFT_CMP_EQ => "",
+            Some(o) if o == sys::NFT_CMP_NEQ => "!= ",
+            Some(o) if o == sys::NFT_CMP_LT => "< ",
+            Some(o) if o == sys::NFT_CMP_LTE => "<= ",
+            Some(o) if o == sys::NFT_CMP_GT => "> ",
+            Some(o) if o == sys::NFT_CMP_GTE => ">= ",
+            _ => "? ",
+        };
         self.out.text.push(format!("{what} {op}{shown}"));
     }
 
@@ -245,7 +301,8 @@ fn show_value(
             let mut full = vec![0u8; alen];
             full[..val.len()].copy_from_slice(val);
             let prefix = match mask {
-                Some(m) => m.iter().map(|b| b.count_ones()).sum::<u32>() as u8,
+                Some(m) if contiguous(m) => m.iter().map(|b| b.count_ones()).sum::<u32>() as u8,
+                Some(_) => return (format!("{} (masked)", hex(val)), None),
                 None => (val.len() * 8) as u8,
             };
             if let Some(addr) = f.addr_from_bytes(&full) {
@@ -261,8 +318,27 @@ fn show_value(
             }
         }
     }
-    let hex: String = val.iter().map(|b| format!("{b:02x}")).collect();
-    (format!("0x{hex}"), None)
+    (hex(val), None)
+}
+
+fn hex(val: &[u8]) -> String {
+    let h: String = val.iter().map(|b| format!("{b:02x}")).collect();
+    format!("0x{h}")
+}
+
+/// Whether a mask is leading ones then zeros (a prefix).
+fn contiguous(m: &[u8]) -> bool {
+    let bits = m
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1));
+    let mut seen_zero = false;
+    for one in bits {
+        if one && seen_zero {
+            return false;
+        }
+        seen_zero |= !one;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -320,6 +396,49 @@ mod tests {
             d.source,
             SourceMatch::NotNet("172.7.0.0/16".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn ranges_and_odd_masks_are_unknown() {
+        // ip saddr >= 172.7.0.0 ip saddr <= 172.7.255.255 masquerade (a range)
+        let mut w = Writer::default();
+        for (op, v) in [
+            (sys::NFT_CMP_GTE, [172, 7, 0, 0]),
+            (sys::NFT_CMP_LTE, [172, 7, 255, 255]),
+        ] {
+            expr_payload_nh(&mut w, 12, 4);
+            put_expr(&mut w, "cmp", |w| {
+                w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
+                w.put_be32(a(sys::NFTA_CMP_OP), op);
+                put_data_value(w, a(sys::NFTA_CMP_DATA), &v);
+            });
+        }
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(d.source, SourceMatch::Unknown, "{:?}", d.text);
+        assert!(d.text.join(" ").contains(">= 172.7.0.0/32"), "{:?}", d.text);
+        // ip saddr & 0.0.0.255 == 0.0.0.5 masquerade (not a prefix)
+        let mut w = Writer::default();
+        expr_payload_nh(&mut w, 12, 4);
+        put_expr(&mut w, "bitwise", |w| {
+            put_data_value(w, a(sys::NFTA_BITWISE_MASK), &[0, 0, 0, 255]);
+            put_data_value(w, a(sys::NFTA_BITWISE_XOR), &[0, 0, 0, 0]);
+        });
+        expr_cmp_eq(&mut w, &[0, 0, 0, 5]);
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(d.source, SourceMatch::Unknown, "{:?}", d.text);
+        // A contiguous mask is a prefix: ip saddr & 255.255.240.0 == 10.0.16.0
+        let mut w = Writer::default();
+        expr_payload_nh(&mut w, 12, 4);
+        put_expr(&mut w, "bitwise", |w| {
+            put_data_value(w, a(sys::NFTA_BITWISE_MASK), &[255, 255, 240, 0]);
+            put_data_value(w, a(sys::NFTA_BITWISE_XOR), &[0, 0, 0, 0]);
+        });
+        expr_cmp_eq(&mut w, &[10, 0, 16, 0]);
+        expr_masq(&mut w, false);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(d.source, SourceMatch::Net("10.0.16.0/20".parse().unwrap()));
     }
 
     #[test]

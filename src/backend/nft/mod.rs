@@ -1100,6 +1100,10 @@ pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
 pub fn export(p: &crate::policy::Policy) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    // Loaded with `nft -f` this replaces masqd's table atomically (one transaction), so loading
+    // it twice leaves one copy, and it loads over a table of an older layout too.
+    let _ = writeln!(s, "table inet {TABLE}");
+    let _ = writeln!(s, "delete table inet {TABLE}");
     let _ = writeln!(s, "table inet {TABLE} {{");
     for (name, (f, ranges)) in crate::plan::desired_sets(p) {
         let _ = writeln!(s, "\tset {name} {{");
