@@ -248,17 +248,17 @@ fn marked_connections_are_left_to_the_marker_legacy_mode() {
     marked_left_to_marker("legacy");
 }
 
-/// `masqd run` in a namespace, killed on drop.
+/// `masqd run` in a namespace, killed on drop; its log goes to `log`.
 struct Run(Child);
 
 impl Run {
-    fn start(ns: &Netns, cfg: &Path, state: &Path) -> Run {
+    fn start(ns: &Netns, cfg: &Path, state: &Path, log: &Path) -> Run {
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_masqd")])
             .args(["--config", cfg.to_str().unwrap()])
             .args(["--state-dir", state.to_str().unwrap(), "run"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(File::create(log).unwrap())
             .spawn()
             .expect("masqd run");
         let run = Run(child);
@@ -316,7 +316,8 @@ fn churn(mode: &str, writer: &str) -> (BTreeMap<IpAddr, usize>, usize) {
     let dir = TempDir::new();
     let cfg = dir.write("masqd.toml", &NODE_A.replace("MODE", mode));
     let state = dir.path().join("state");
-    let _run = Run::start(&c.a, &cfg, &state);
+    let log = dir.path().join("masqd.log");
+    let _run = Run::start(&c.a, &cfg, &state, &log);
     let stop = Arc::new(AtomicBool::new(false));
     let server = count_peers(&c.pb, 8400, stop.clone());
     let client_stop = Arc::new(AtomicBool::new(false));
@@ -379,6 +380,11 @@ fn churn(mode: &str, writer: &str) -> (BTreeMap<IpAddr, usize>, usize) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Removing a re-added broad rule is hygiene, never rate-limited like a fight over
+    // masqd's own table.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("reconciled after"), "{log}");
+    assert!(!log.contains("repairs are now limited"), "{log}");
     (seen, inserts)
 }
 
