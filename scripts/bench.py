@@ -4,7 +4,7 @@ tools use, in one run on one machine, alternating, with medians and ratios.
 
 Run as root from the repository (it installs nothing; `bash scripts/bench.sh` does):
 
-    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md]
+    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md] [--only datapath]
 
 Everything happens in private network namespaces created here and removed at the end; the
 host's firewall is never touched. Each masqd run is checked against the kernel (the set holds
@@ -524,8 +524,9 @@ def bench_drift(sizes, trials, tmp):
     return res
 
 
-def bench_datapath(n, flows, trials, linear_flows, tmp):
-    """4. New flows per second from pod A to the outside through node A's NAT hook."""
+def bench_datapath(n, flows, trials, linear_flows, guard_trials, tmp):
+    """4. New flows per second from pod A to the outside through node A's NAT hook; then the
+    guard of design.md §3.1 against the same policy with `return` (guard_vs_return)."""
     p = "mqbd"
     run(["bash", CLUSTER, "up", p, "nft"])
     for s in ("a", "b", "pa", "pb", "out", "sw"):
@@ -595,7 +596,215 @@ def bench_datapath(n, flows, trials, linear_flows, tmp):
     for s in ("a", "b", "pa", "pb", "out", "sw"):
         if f"{p}-{s}" in NAMESPACES:
             NAMESPACES.remove(f"{p}-{s}")
-    return variants
+    guard = guard_vs_return({"1": ["172.7.0.0/16"], f"{n:,}": ["172.7.0.0/16"] + cidrs(n - 1)},
+                            flows, guard_trials, tmp)
+    return variants, guard
+
+
+# Destinations of the guard comparison. Excepted: inside 172.7.0.0/16 (the exception of both sets)
+# but off the pod subnets, routed by node A to the outside host, which answers for it (AnyIP).
+# flowgen walks BASE + i, so one run must stay under 32,768 addresses (the /17); a trial is several
+# runs, each from a new socket (a new source port): every probe is a new flow.
+GUARD_DEST = {"excepted": ("172.7.128.0", "172.7.128.0/17"), "masqueraded": ("10.201.0.0", "10.201.0.0/16")}
+GUARD_CHUNK = 12500
+
+
+def guard_layout(variant, exceptions):
+    """`nft -f` text replacing table inet masqd atomically. "guard": design.md §3.1 (identity SNAT
+    at srcnat - 1, the masquerade-mark rule); "return": the same sets and rules at srcnat, no mark
+    rule, `return` instead of the identity SNAT."""
+    guard = variant == "guard"
+    rules = ['oifname "docker0" return']
+    if guard:
+        rules.append("meta mark & 0x4000 == 0x4000 return")
+    rules.append("ip saddr @pod4 ip daddr @nomasq4 counter " + ("snat ip to ip saddr" if guard else "return"))
+    rules.append("ip saddr @pod4 counter masquerade")
+    return ("add table inet masqd\ndelete table inet masqd\ntable inet masqd {\n"
+            f"\tset pod4 {{ type ipv4_addr; flags interval; elements = {{ {POD} }} }}\n"
+            f"\tset nomasq4 {{ type ipv4_addr; flags interval; elements = {{ {', '.join(exceptions)} }} }}\n"
+            "\tchain postrouting {\n"
+            f"\t\ttype nat hook postrouting priority {'srcnat - 1' if guard else 'srcnat'}; policy accept;\n"
+            + "".join(f"\t\t{r}\n" for r in rules) + "\t}\n}\n")
+
+
+def guard_chain(ns):
+    """What the kernel holds in inet masqd postrouting: the priority, the exception rule's verdict,
+    whether the mark rule is there, and the packet counters of the exception and masquerade rules."""
+    out = json.loads(run(in_ns(ns, "nft", "-j", "list", "chain", "inet", "masqd", "postrouting")).stdout)
+    st = {"prio": None, "except": None, "mark": False, "except_pkts": None, "masq_pkts": None, "rules": 0}
+    for o in out["nftables"]:
+        if "chain" in o:
+            st["prio"] = o["chain"].get("prio")
+        elif "rule" in o:
+            st["rules"] += 1
+            ex = o["rule"]["expr"]
+            pkts = next((e["counter"]["packets"] for e in ex if "counter" in e), None)
+            if any("match" in e and e["match"].get("right") == "@nomasq4" for e in ex):
+                st["except"] = "snat" if any("snat" in e for e in ex) else \
+                    "return" if any("return" in e for e in ex) else "?"
+                st["except_pkts"] = pkts
+            elif any("masquerade" in e for e in ex):
+                st["masq_pkts"] = pkts
+            elif any("match" in e and "&" in (e["match"].get("left") or {}) for e in ex):
+                st["mark"] = True
+    return st
+
+
+def probe_sources(ns):
+    """Packets the outside host received from the pod's own address and from node A's."""
+    out = json.loads(run(in_ns(ns, "nft", "-j", "list", "table", "ip", "probesrc")).stdout)
+    got = {}
+    for o in out["nftables"]:
+        if "rule" in o:
+            ex = o["rule"]["expr"]
+            src = next(e["match"]["right"] for e in ex if "match" in e)
+            got[src] = next(e["counter"]["packets"] for e in ex if "counter" in e)
+    return got["172.7.21.2"], got["10.200.0.1"]
+
+
+def guard_cluster(p):
+    """A cluster (cluster.sh) whose node A has no NAT chain at all (iptables-nft's tables with the
+    broad rule are dropped; legacy is never touched), with both destinations routed to the outside
+    host, which counts the probes by source address."""
+    run(["bash", CLUSTER, "up", p, "nft"])
+    for s in ("a", "b", "pa", "pb", "out", "sw"):
+        NAMESPACES.append(f"{p}-{s}")
+    c = {"p": p, "A": f"{p}-a", "PA": f"{p}-pa", "OUT": f"{p}-out"}
+    for _, net in GUARD_DEST.values():
+        run(["ip", "-n", c["OUT"], "route", "add", "local", net, "dev", "lo"])
+        run(["ip", "-n", c["A"], "route", "add", net, "via", "10.200.0.3"])
+    run(in_ns(c["OUT"], "nft", "add table ip sink; add chain ip sink in { type filter hook input priority 0; }; "
+                               "add rule ip sink in udp dport 10000-20000 counter drop; "
+                               "add table ip probesrc; add chain ip probesrc in { type filter hook input priority -10; }; "
+                               "add rule ip probesrc in ip saddr 172.7.21.2 udp dport 10000-20000 counter; "
+                               "add rule ip probesrc in ip saddr 10.200.0.1 udp dport 10000-20000 counter"))
+    run(in_ns(c["A"], "nft", "flush", "ruleset"))
+    return c
+
+
+def guard_vs_return(sets, flows, trials, tmp):
+    """The guard's cost: new flows/s from a pod with the layout of design.md §3.1 ("guard") and with
+    the same sets and rules but `return` at srcnat ("return"), each loaded with `nft -f`; for each
+    exception set, to an excepted and to a masqueraded destination. Two identical clusters of their
+    own, one per variant, so that both are measured interleaved (flowgen runs of GUARD_CHUNK flows,
+    one cluster then the other, then the other way round): the speed of this VM drifts by 10-30 %
+    over seconds, the same for both. The variants swap clusters trial by trial (trials is even), so
+    a difference between the clusters cancels out. Their node A has no NAT chain but the one
+    under test (the first cluster's node A keeps legacy iptable_nat and iptables-nft's `ip nat`
+    chains registered: the guard's binding skips them, `return` does not). Every trial is checked:
+    after each load the chain and the set are read back and no other NAT table exists; each
+    flowgen run made one new conntrack entry per probe (else its socket reused an earlier run's
+    source port, and the measurement is repeated); after the probes, the rule that must have seen
+    them counted exactly the probes sent, the other one none, and the outside host saw the
+    expected source address and no other."""
+    trials += trials % 2
+    clusters = [guard_cluster("mqbg"), guard_cluster("mqbh")]
+    files = {}
+    for sname, ex in sets.items():
+        for v in ("guard", "return"):
+            files[(sname, v)] = os.path.join(tmp, f"guard-{v}-{len(ex)}.nft")
+            with open(files[(sname, v)], "w") as f:
+                f.write(guard_layout(v, ex))
+    want = {"guard": (99, "snat", True), "return": (100, "return", False)}
+    chunks = -(-flows // GUARD_CHUNK)
+    chunks += chunks % 2  # XY YX …: each variant goes first equally often
+    per = [flows // chunks + (1 if i < flows % chunks else 0) for i in range(chunks)]
+    samples = {(s, v, k): [] for s in sets for v in want for k in GUARD_DEST}
+    paired = {(s, k): [] for s in sets for k in GUARD_DEST}
+
+    def load(c, sname, v):
+        A = c["A"]
+        run(in_ns(A, "nft", "-f", files[(sname, v)]))
+        st = guard_chain(A)
+        if (st["prio"], st["except"], st["mark"]) != want[v] or st["rules"] != (4 if v == "guard" else 3) \
+                or st["except_pkts"] != 0 or st["masq_pkts"] != 0:
+            raise RuntimeError(f"{v} layout not as loaded: {st}")
+        if set_size(A) != len(sets[sname]):
+            raise RuntimeError(f"{v}: nomasq4 holds {set_size(A)}, expected {len(sets[sname])}")
+        tables = run(in_ns(A, "nft", "list", "tables")).stdout.decode().split("\n")
+        legacy = run(in_ns(A, "cat", "/proc/net/ip_tables_names"), check=False).stdout.decode().split()
+        if [t for t in tables if t] != ["table inet masqd"] or "nat" in legacy:
+            raise RuntimeError(f"{c['p']}: node A has other NAT chains: {tables}, legacy {legacy}")
+        return st, probe_sources(c["OUT"])
+
+    def ct_count(c):
+        return int(run(in_ns(c["A"], "cat", "/proc/sys/net/netfilter/nf_conntrack_count")).stdout)
+
+    def probe(kind, roles, last, first):
+        """Probes to `kind` through both clusters, interleaved; checks them; returns flows/s per variant."""
+        for attempt in range(3):
+            rates = probe_once(kind, roles, last, first)
+            if rates:
+                return rates
+            # A flowgen run got the source port of an earlier one (all runs probe the same
+            # addresses): its probes were not new flows. Counters moved on; measure again.
+            log(f"  {kind}: a source port was reused, probes were not all new flows; repeating")
+            for v, c in roles.items():
+                last[v] = (guard_chain(c["A"]), probe_sources(c["OUT"]))
+        raise RuntimeError(f"{kind}: source ports reused three times")
+
+    def probe_once(kind, roles, last, first):
+        for c in roles.values():
+            run(in_ns(c["A"], "conntrack", "-F"), check=False)
+        time.sleep(0.05)
+        elapsed, sent = {v: 0.0 for v in roles}, {v: 0 for v in roles}
+        ct = {v: ct_count(c) for v, c in roles.items()}
+        order = [first, "return" if first == "guard" else "guard"]
+        reused = False
+        for r, count in enumerate(per):
+            for v in (order if r % 2 == 0 else order[::-1]):
+                out = run(in_ns(roles[v]["PA"], FLOWGEN, GUARD_DEST[kind][0], str(count))).stdout.split()
+                elapsed[v] += float(out[0])
+                sent[v] += count - int(out[1])
+                n = ct_count(roles[v])  # every probe sent must have made a new conntrack entry
+                reused |= n - ct[v] < count - int(out[1])
+                ct[v] = n
+        time.sleep(0.2)
+        if reused:
+            return None
+        rates = {}
+        for v, c in roles.items():
+            (st0, src0), st, src = last[v], guard_chain(c["A"]), probe_sources(c["OUT"])
+            last[v] = (st, src)
+            d_exc, d_masq = st["except_pkts"] - st0["except_pkts"], st["masq_pkts"] - st0["masq_pkts"]
+            d_pod, d_node = src[0] - src0[0], src[1] - src0[1]
+            # (the rule that must count them, the other rule), (from the expected source, from the other)
+            (counted, other), (arrived, stray) = ((d_exc, d_masq), (d_pod, d_node)) if kind == "excepted" \
+                else ((d_masq, d_exc), (d_node, d_pod))
+            if counted != sent[v] or other != 0 or stray != 0 or arrived > sent[v]:
+                raise RuntimeError(f"{v}, {kind}: {sent[v]} probes sent; exception rule counted {d_exc}, "
+                                   f"masquerade rule {d_masq}; the outside saw {d_pod} from the pod, "
+                                   f"{d_node} from the node")
+            if arrived < sent[v] * 0.95:
+                log(f"  warning: {v}, {kind}: {arrived} of {sent[v]} probes arrived")
+            rates[v] = arrived / elapsed[v]
+        return rates
+
+    for t in range(trials):
+        roles = {"guard": clusters[t % 2], "return": clusters[(t + 1) % 2]}
+        for sname in sets:
+            last = {v: load(c, sname, v) for v, c in roles.items()}
+            for i, kind in enumerate(("excepted", "masqueraded") if t % 2 == 0 else ("masqueraded", "excepted")):
+                rates = probe(kind, roles, last, "guard" if (t // 2 + i) % 2 == 0 else "return")
+                for v, x in rates.items():
+                    samples[(sname, v, kind)].append(x)
+                paired[(sname, kind)].append(rates["guard"] / rates["return"])
+        log(f"  guard trial {t + 1}/{trials} (guard in {roles['guard']['p']}): " + ", ".join(
+            f"N={s} {k} {paired[(s, k)][-1]:.3f}" for s in sets for k in GUARD_DEST))
+    for c in clusters:
+        run(["bash", CLUSTER, "down", c["p"]])
+        for s in ("a", "b", "pa", "pb", "out", "sw"):
+            if f"{c['p']}-{s}" in NAMESPACES:
+                NAMESPACES.remove(f"{c['p']}-{s}")
+    res = {}
+    for s in sets:
+        for k in GUARD_DEST:
+            g, r, pr = samples[(s, "guard", k)], samples[(s, "return", k)], paired[(s, k)]
+            res[(s, k)] = {"guard": median(g), "return": median(r), "ratio": median(pr),
+                           "paired_min": min(pr), "paired_max": max(pr), "trials": len(pr)}
+            log(f"  guard N={s}, {k}: guard {median(g):,.0f}, return {median(r):,.0f} flows/s, "
+                f"guard/return {res[(s, k)]['ratio']:.3f} (range {min(pr):.3f}-{max(pr):.3f})")
+    return {"res": res, "flows": flows, "chunks": chunks, "chunk": per[0]}
 
 
 def bench_footprint(n, idle_s, tmp):
@@ -650,7 +859,69 @@ def machine():
             "os": run(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]).stdout.decode().strip(), **vers}
 
 
-def report(m, full, sizes, one, one_n, drift, dp, dp_n, foot, foot_n, args, started, took):
+def report_datapath(dp, dp_n, guard):
+    L = []
+    L.append("## 4. Datapath: new flows per second through the NAT hook\n")
+    L.append("UDP probes from pod A, each to a new destination (a new conntrack entry, so every probe "
+             "traverses node A's nat/postrouting hook and is masqueraded), counted as received by the "
+             "outside host; conntrack flushed before each trial.\n")
+    L.append("| policy | new flows/s | relative to 1 exception |")
+    L.append("|---|---:|---:|")
+    one_rate = dp["masqd, 1 exception"]
+    for k, v in dp.items():
+        L.append(f"| {k} | {v:,.0f} | {v / one_rate:.2f} |")
+    rel = dp[f"masqd, {dp_n:,} exceptions (interval set)"] / one_rate
+    L.append(f"\n**Target: with {dp_n:,} exceptions at least 0.9× the one-exception rate. Measured: "
+             f"{rel:.2f}× — {'met' if rel >= 0.9 else 'MISSED'}.**\n")
+
+    g = guard["res"]
+    L.append("### The guard's cost\n")
+    L.append("The same run, two more clusters built like the first, whose node A has no NAT chain but the "
+             "one under test (the first one's node A keeps legacy `iptable_nat` and iptables-nft's `ip nat` "
+             "chains registered: the guard's binding would skip them, `return` would not). Node A's nat "
+             "chain is loaded with `nft -f` in two layouts with the same sets (`pod4` = the pod subnet, "
+             "`nomasq4` = the exception set of the rows above) — "
+             "**guard**, design.md §3.1: `table inet masqd` chain at `priority srcnat - 1` with "
+             "`oifname \"docker0\" return`, `meta mark & 0x4000 == 0x4000 return`, "
+             "`ip saddr @pod4 ip daddr @nomasq4 counter snat ip to ip saddr`, "
+             "`ip saddr @pod4 counter masquerade`; **return**: the same at `priority srcnat`, no mark rule, "
+             "`counter return` instead of the identity SNAT. Probes to an excepted destination "
+             "(172.7.128.0/17, inside the exception 172.7.0.0/16, routed to the outside host) and to a "
+             f"masqueraded one (10.201.0.0/16); {guard['flows']:,} new flows per variant and trial, conntrack "
+             "flushed before each. One cluster holds guard, the other return, and they are measured "
+             f"interleaved: {guard['chunks']} flowgen runs of {guard['chunk']:,} flows each (each from a new "
+             "socket), one cluster then the other, then the other way round — the speed of this VM drifts "
+             "by 10–30 % within seconds, the same for both. The variants swap clusters trial by trial, so a "
+             "difference between the two clusters (about 1 % in an A/A run) cancels out. Each trial is checked: "
+             "after each load the chain's priority and rules and the set's size are read back and no other "
+             "NAT table exists; each flowgen run made one new conntrack entry on node A per probe (a run whose "
+             "socket got an earlier run's source port is detected so, and the measurement repeated); after "
+             "the probes, the rule that must see them (the exception rule, or the "
+             "masquerade rule) counted exactly the probes sent and the other none, and the outside host "
+             "received them from the pod's address (excepted) or node A's (masqueraded) and none from the "
+             "other. guard / return is the median of the per-trial ratios; the range is theirs; flows/s "
+             "are medians.\n")
+    L.append("| exceptions N | destination | trials | guard flows/s | return flows/s | guard / return | per-trial range |")
+    L.append("|---:|---|---:|---:|---:|---:|---|")
+    for (s, k), r in g.items():
+        L.append(f"| {s} | {k} | {r['trials']} | {r['guard']:,.0f} | {r['return']:,.0f} | {r['ratio']:.3f} | "
+                 f"{r['paired_min']:.3f}–{r['paired_max']:.3f} |")
+    ok = all(r["ratio"] >= 0.95 for r in g.values())
+    measured = "; ".join(f"{k}, N = {s}: {r['ratio']:.3f}" for (s, k), r in g.items())
+    few = min(r["trials"] for r in g.values())
+    L.append(f"\n**Target: the guard must cost under 5 % (guard / return ≥ 0.95). Measured: {measured} — "
+             f"{'MET' if ok else 'MISSED'}" + (f" (only {few} trials: a smoke run, not conclusive)" if few < 5 else "")
+             + ".**\n")
+    return L
+
+
+def report_machine(m):
+    return ["## Machine\n",
+            f"- {m['os']}, kernel {m['kernel']}, {m['cores']} cores ({m['cpu']}), {m['mem_gib']:.0f} GiB",
+            f"- {m['nft']}; {m['iptables']}; {m['masqd']}\n"]
+
+
+def report(m, full, sizes, one, one_n, drift, dp, dp_n, guard, foot, foot_n, args, started, took):
     ms = lambda s: f"{s * 1000:.1f} ms"
     L = []
     L.append("# masqd benchmarks\n")
@@ -660,9 +931,7 @@ def report(m, full, sizes, one, one_n, drift, dp, dp_n, foot, foot_n, args, star
              "tools, in private network namespaces; figures are medians. Every masqd apply is checked "
              "against the kernel (the set holds exactly the expected intervals and `masqd plan` has "
              "nothing to do), so nothing is fast by being wrong.\n")
-    L.append("## Machine\n")
-    L.append(f"- {m['os']}, kernel {m['kernel']}, {m['cores']} cores ({m['cpu']}), {m['mem_gib']:.0f} GiB")
-    L.append(f"- {m['nft']}; {m['iptables']}; {m['masqd']}\n")
+    L += report_machine(m)
 
     L.append("## 1. Full apply from an empty node\n")
     L.append("N disjoint /28 exceptions (N intervals). `nft -f` loads the identical ruleset "
@@ -716,19 +985,7 @@ def report(m, full, sizes, one, one_n, drift, dp, dp_n, foot, foot_n, args, star
     L.append(f"\n**Target: p99 under 50 ms.** " + "; ".join(
         f"N={n:,}: {ms(r['p99'])} ({'met' if r['p99'] < 0.05 else 'MISSED'})" for n, r in drift.items()) + "\n")
 
-    L.append("## 4. Datapath: new flows per second through the NAT hook\n")
-    L.append("UDP probes from pod A, each to a new destination (a new conntrack entry, so every probe "
-             "traverses node A's nat/postrouting hook and is masqueraded), counted as received by the "
-             "outside host; conntrack flushed before each trial.\n")
-    L.append("| policy | new flows/s | relative to 1 exception |")
-    L.append("|---|---:|---:|")
-    one_rate = dp["masqd, 1 exception"]
-    for k, v in dp.items():
-        L.append(f"| {k} | {v:,.0f} | {v / one_rate:.2f} |")
-    rel = dp[f"masqd, {dp_n:,} exceptions (interval set)"] / one_rate
-    L.append(f"\n**Target: with {dp_n:,} exceptions at least 0.9× the one-exception rate. Measured: "
-             f"{rel:.2f}× — {'met' if rel >= 0.9 else 'MISSED'}.**\n")
-
+    L += report_datapath(dp, dp_n, guard)
     L.append(f"## 5. The daemon's footprint with {foot_n:,} exceptions\n")
     L.append("| figure | value | target |")
     L.append("|---|---:|---|")
@@ -749,9 +1006,12 @@ def report(m, full, sizes, one, one_n, drift, dp, dp_n, foot, foot_n, args, star
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes, runs and trials (a smoke run)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--out", help="the report (default BENCHMARKS.md; with --only, standard output)")
     ap.add_argument("--notes", default=os.path.join(ROOT, "scripts", "bench-notes.md"),
                     help="hand-written analysis appended to the report")
+    ap.add_argument("--only", choices=["datapath"],
+                    help="run one section and write only its part of the report (never BENCHMARKS.md "
+                         "unless --out names it)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py must run as root (network namespaces)")
@@ -764,14 +1024,25 @@ def main():
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="masqd-bench-")
+
+    def section(name, fn, *a):
+        if args.only and args.only != name.split(". ", 1)[1]:
+            return None
+        log(name)
+        ts = time.time()
+        r = fn(*a)
+        log(f"  ({name}: {time.time() - ts:.0f} s)")
+        return r
+
     try:
         m = machine()
-        log("1. full apply"); full = bench_full_apply(sizes, runs, tmp)
-        log("2. one CIDR"); one = bench_one_cidr(big, runs, 10 if args.quick else 40, tmp)
-        log("3. drift"); drift = bench_drift([1, 1000, big], 10 if args.quick else 50, tmp)
-        log("4. datapath"); dp = bench_datapath(big, 20000 if args.quick else 100000, 2 if args.quick else 5,
-                                               2000 if args.quick else 5000, tmp)
-        log("5. footprint"); foot = bench_footprint(big, 10 if args.quick else 60, tmp)
+        full = section("1. full apply", bench_full_apply, sizes, runs, tmp)
+        one = section("2. one CIDR", bench_one_cidr, big, runs, 10 if args.quick else 40, tmp)
+        drift = section("3. drift", bench_drift, [1, 1000, big], 10 if args.quick else 50, tmp)
+        dp, guard = section("4. datapath", bench_datapath, big, 20000 if args.quick else 100000,
+                            2 if args.quick else 5, 2000 if args.quick else 5000, 2 if args.quick else 10,
+                            tmp) or (None, None)
+        foot = section("5. footprint", bench_footprint, big, 10 if args.quick else 60, tmp)
     finally:
         for p in DAEMONS:
             p.kill()
@@ -779,13 +1050,28 @@ def main():
         for ns in list(NAMESPACES):
             netns_del(ns)
         run(["bash", CLUSTER, "down", "mqbd"], check=False)
-    text = report(m, full, sizes, one, big, drift, dp, big, foot, big, args, started, time.time() - t0)
+        run(["bash", CLUSTER, "down", "mqbg"], check=False)
+        run(["bash", CLUSTER, "down", "mqbh"], check=False)
+    if args.only:
+        text = "\n".join([f"# masqd benchmarks: section {args.only} only\n",
+                          f"Generated by `scripts/bench.py --only {args.only}{' --quick' if args.quick else ''}` "
+                          f"on {started} in {time.time() - t0:.0f} s.\n", *report_machine(m),
+                          *report_datapath(dp, big, guard)]) + "\n"
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+            log(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        return
+    text = report(m, full, sizes, one, big, drift, dp, big, guard, foot, big, args, started, time.time() - t0)
     if os.path.exists(args.notes):
         with open(args.notes) as f:
             text += "\n" + f.read()
-    with open(args.out, "w") as f:
+    out = args.out or os.path.join(ROOT, "BENCHMARKS.md")
+    with open(out, "w") as f:
         f.write(text)
-    log(f"wrote {args.out}")
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (scripts/bench.py) and writes BENCHMARKS.md. As root; private network
-# namespaces only. Pass --quick for a smoke run.
+# namespaces only. Pass --quick for a smoke run; --only datapath --out FILE for that section alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
