@@ -22,9 +22,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::backend::nft::netlink::{Event, Socket};
@@ -46,6 +47,45 @@ const REPAIR_WINDOW: Duration = Duration::from_secs(10);
 const REPAIR_BURST: usize = 20;
 
 struct Fd<T: AsFd>(T);
+
+/// Lost nftables notifications (`ENOBUFS` on the event socket, or an error reading it): a full
+/// reconcile that trusts no set cache follows, and each burst is logged once, with its end.
+#[derive(Debug, Default)]
+struct Overflow {
+    /// The current burst was logged.
+    warned: bool,
+    /// Notifications were lost since the last reconcile started.
+    unseen: bool,
+    /// The reconcile now running started after lost notifications.
+    covered: bool,
+}
+
+impl Overflow {
+    fn lost(&mut self, why: &str) {
+        if !std::mem::replace(&mut self.warned, true) {
+            tracing::warn!("nftables notifications were lost ({why}): resyncing everything");
+        }
+        self.unseen = true;
+    }
+
+    /// A reconcile starts: whether it must read everything (no cache).
+    fn starting(&mut self) -> bool {
+        self.covered = std::mem::take(&mut self.unseen);
+        self.covered
+    }
+
+    /// A reconcile ended: whether its set cache may be kept.
+    fn ended(&mut self, ok: bool) -> bool {
+        let covered = std::mem::take(&mut self.covered);
+        if !ok {
+            self.unseen |= covered;
+        } else if covered && !self.unseen {
+            self.warned = false;
+            tracing::info!("resynced with the kernel after lost nftables notifications");
+        }
+        !self.unseen
+    }
+}
 
 impl<T: AsFd> AsRawFd for Fd<T> {
     fn as_raw_fd(&self) -> RawFd {
@@ -285,8 +325,68 @@ impl Daemon {
     }
 }
 
+/// The signals `masqd run` acts on: SIGHUP (reload), SIGTERM and SIGINT (stop).
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread and every thread it starts later
+/// (`sigprocmask(SIG_BLOCK, …)`): from then on such a signal waits, pending, until the loop
+/// reads it from its signalfd, so one that arrives during start-up does what it means instead
+/// of killing the process (a SIGHUP's default action). The first thing `masqd run` does.
+pub fn block_signals() {
+    if let Err(e) = handled_signals().thread_block() {
+        tracing::warn!("blocking SIGHUP/SIGTERM/SIGINT: {e}");
+    }
+}
+
+/// Undoes [`block_signals`] (for the one-shot commands, which keep the default actions).
+pub fn unblock_signals() {
+    if let Err(e) = handled_signals().thread_unblock() {
+        tracing::warn!("unblocking SIGHUP/SIGTERM/SIGINT: {e}");
+    }
+}
+
+/// The blocked signals, read by the loop through a signalfd (pending ones included).
+struct Signals(AsyncFd<Fd<SignalFd>>);
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        block_signals();
+        let fd = SignalFd::with_flags(
+            &handled_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )
+        .context("signalfd")?;
+        // SAFETY: the SignalFd owns its fd for its whole life and never swaps it.
+        let fd = unsafe { AsyncFd::register(Fd(fd)) }
+            .map_err(|e| anyhow::anyhow!("registering the signalfd: {e}"))?;
+        Ok(Signals(fd))
+    }
+
+    /// The next signal (cancel-safe: a signal is only taken from the fd when returned).
+    async fn recv(&self) -> Result<Signal> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.get_inner().0.read_signal() {
+                Ok(Some(info)) => {
+                    return Signal::try_from(info.ssi_signo as i32).context("signalfd")
+                }
+                Ok(None) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e).context("reading the signalfd"),
+            }
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. A broken configuration at start-up exits with 78.
 pub fn run(paths: Paths) -> ExitCode {
+    // Before anything else: a signal during start-up waits for the loop (see block_signals).
+    block_signals();
     let first = config::load(&paths.config);
     let cfg = match first {
         Ok(c) => Some(c),
@@ -306,6 +406,14 @@ pub fn run(paths: Paths) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    // Held until the process ends: `apply` and `teardown` are refused meanwhile (state.rs).
+    let _state_lock = match crate::state::State::new(&paths.state_dir).lock_daemon() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("masqd: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -316,9 +424,16 @@ pub fn run(paths: Paths) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let signals = match rt.block_on(async { Signals::new() }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("masqd: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let cfg = match cfg {
         Some(c) => c,
-        None => match rt.block_on(wait_for_config(&paths)) {
+        None => match rt.block_on(wait_for_config(&paths, &signals)) {
             Ok(Some(c)) => c,
             Ok(None) => return ExitCode::SUCCESS,
             Err(e) => {
@@ -327,7 +442,7 @@ pub fn run(paths: Paths) -> ExitCode {
             }
         },
     };
-    match rt.block_on(main_loop(paths, cfg)) {
+    match rt.block_on(main_loop(paths, cfg, signals)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("masqd: error: {e:#}");
@@ -339,11 +454,8 @@ pub fn run(paths: Paths) -> ExitCode {
 /// Start-up with a file the config names still missing: READY (so that units ordered after
 /// masqd, kubelet among them, can start), STATUS says what is awaited, the config is tried
 /// again every 2 s. None when stopped while waiting.
-async fn wait_for_config(paths: &Paths) -> Result<Option<Config>> {
+async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Config>> {
     let n = Notifier::from_env();
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let wd = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     let mut retry = tokio::time::interval(Duration::from_secs(2));
@@ -366,23 +478,63 @@ async fn wait_for_config(paths: &Paths) -> Result<Option<Config>> {
             }
         }
         tokio::select! {
-            _ = sigterm.recv() => { n.notify("STOPPING=1"); return Ok(None) }
-            _ = sigint.recv() => { n.notify("STOPPING=1"); return Ok(None) }
-            _ = sighup.recv() => {}
+            sig = signals.recv() => {
+                if sig? != Signal::SIGHUP {
+                    n.notify("STOPPING=1");
+                    return Ok(None);
+                }
+            }
             _ = retry.tick() => {}
             _ = watchdog.tick(), if wd.is_some() => n.notify("WATCHDOG=1"),
         }
     }
 }
 
-fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<PathBuf>) {
-    for f in files {
-        let dir = f
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        if watched.contains(&dir) {
+/// One inotify watch: a directory of a watched file, or its nearest existing ancestor while
+/// that directory is missing.
+struct Watch {
+    wd: WatchDescriptor,
+    dir: PathBuf,
+    /// Device and inode of `dir` when the watch was added: a directory removed and recreated
+    /// (flannel's /run/flannel) is a new inode, watched anew.
+    id: (u64, u64),
+}
+
+/// The directory to watch for `file`: its own directory, or while that does not exist the
+/// nearest existing ancestor (whose events say when it comes back).
+fn watch_target(file: &Path) -> Option<(PathBuf, (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut dir = abs.parent();
+    while let Some(d) = dir {
+        if let Ok(m) = std::fs::metadata(d) {
+            if m.is_dir() {
+                return Some((d.to_path_buf(), (m.dev(), m.ino())));
+            }
+        }
+        dir = d.parent();
+    }
+    None
+}
+
+/// Arms the watches for `files` (`inotify_add_watch` on each target of [`watch_target`],
+/// `inotify_rm_watch` on those no longer needed). True when a watch was added or moved after
+/// the first arming: a directory came back, and the files in it may have changed unseen.
+fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<Watch>) -> bool {
+    let first = watched.is_empty();
+    let targets: Vec<(PathBuf, (u64, u64))> =
+        files.iter().filter_map(|f| watch_target(f)).collect();
+    let mut changed = false;
+    watched.retain(|w| {
+        let keep = targets.iter().any(|(d, id)| *d == w.dir && *id == w.id);
+        if !keep {
+            let _ = ino.rm_watch(w.wd);
+            changed = true;
+        }
+        keep
+    });
+    for (dir, id) in targets {
+        if watched.iter().any(|w| w.dir == dir) {
             continue;
         }
         let flags = AddWatchFlags::IN_CLOSE_WRITE
@@ -390,18 +542,25 @@ fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<PathBuf>) {
             | AddWatchFlags::IN_MOVED_FROM
             | AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_ATTRIB;
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+            | AddWatchFlags::IN_ONLYDIR;
         match ino.add_watch(&dir, flags) {
-            Ok(_) => watched.push(dir),
+            Ok(wd) => {
+                watched.push(Watch { wd, dir, id });
+                changed = true;
+            }
             Err(e) => tracing::warn!(
                 "cannot watch {}: {e}; changes there need SIGHUP",
                 dir.display()
             ),
         }
     }
+    changed && !first
 }
 
-async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
+async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
     let policy = Policy::from_config(&cfg);
     let mut d = Daemon {
         paths: paths.clone(),
@@ -441,10 +600,6 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
     let ino = unsafe { AsyncFd::register(Fd(ino)) }
         .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
 
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-
     let mut resync_period = d.resync();
     let mut resync =
         tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
@@ -461,6 +616,7 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
         Duration,
     )>;
     let mut cache: Option<SetCache> = None;
+    let mut overflow = Overflow::default();
     let mut running: Option<Job> = None;
     let mut running_is_reload = false;
     d.status();
@@ -474,7 +630,8 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 let cfg = d.cfg.clone();
                 let policy = d.policy.clone();
                 let state_dir = d.paths.state_dir.clone();
-                let mut c = cache.take();
+                let full = overflow.starting();
+                let mut c = cache.take().filter(|_| !full);
                 let mon_fd = monitor.get_ref().as_raw_fd();
                 running = Some(tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
@@ -514,7 +671,8 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                         if let Err(e) = Socket::set_membership(monitor.get_ref().as_raw_fd(), true) {
                             tracing::error!("{e}; drift is only seen by the resync timer");
                         }
-                        cache = c;
+                        let keep = overflow.ended(r.is_ok());
+                        cache = c.filter(|_| keep);
                         d.trim_at = Some(Instant::now() + Duration::from_secs(1));
                         if r.as_ref().is_ok_and(|p| p.missed_events) {
                             d.pending.get_or_insert("ruleset changed while masqd was committing");
@@ -531,6 +689,7 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                         own_pid = sock.portid()?;
                         apply_sock = Some(sock);
                         cache = None;
+                        overflow.ended(false);
                         let _ = Socket::set_membership(monitor.get_ref().as_raw_fd(), true);
                         d.pending.get_or_insert("retry");
                         // A reload still owes its READY=1 to the retry.
@@ -544,27 +703,42 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
             }
-            _ = sighup.recv() => {
-                d.notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", systemd::monotonic_usec()));
+            sig = signals.recv() => {
+                if sig? != Signal::SIGHUP {
+                    break;
+                }
+                // Before the first READY=1 (a SIGHUP during start-up) there is no reload to
+                // announce: the configuration is read again and start-up goes on with it.
+                if d.ready {
+                    d.notifier.notify(&format!(
+                        "RELOADING=1\nMONOTONIC_USEC={}",
+                        systemd::monotonic_usec()
+                    ));
+                    // A SIGHUP also asks for a resync; READY=1 follows when it is done.
+                    d.reload_ready_pending = true;
+                }
                 d.reload("SIGHUP");
                 watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
-                // A SIGHUP also asks for a resync; READY=1 follows when it is done.
-                d.reload_ready_pending = true;
                 d.pending.get_or_insert("SIGHUP");
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
             guard = monitor.readable_mut() => {
                 let mut guard = guard?;
                 let events = guard.get_inner_mut().drain_events();
                 guard.clear_ready();
                 match events {
+                    Ok(ev) if ev.contains(&Event::Overrun) => {
+                        overflow.lost("the event socket's buffer overflowed");
+                        d.pending.get_or_insert("lost nftables notifications");
+                    }
                     Ok(ev) => {
                         if ev.iter().any(|e| relevant(e, own_pid)) {
                             d.pending.get_or_insert("nftables change");
                         }
                     }
-                    Err(e) => tracing::warn!("reading nftables events: {e}"),
+                    Err(e) => {
+                        overflow.lost(&format!("reading nftables events: {e}"));
+                        d.pending.get_or_insert("lost nftables notifications");
+                    }
                 }
             }
             guard = ino.readable() => {
@@ -579,14 +753,24 @@ async fn main_loop(paths: Paths, cfg: Config) -> Result<()> {
                 }
                 guard.clear_ready();
                 let files = d.watched_files();
-                if evs.iter().any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED)) {
-                    // A watched directory went away: watch it again when it comes back.
-                    watched.clear();
+                // A watched directory removed or moved away: forget its watch; watch_dirs
+                // then watches its nearest existing ancestor until it is back.
+                let before = watched.len();
+                let gone = AddWatchFlags::IN_IGNORED
+                    | AddWatchFlags::IN_DELETE_SELF
+                    | AddWatchFlags::IN_MOVE_SELF;
+                for e in evs.iter().filter(|e| e.mask.intersects(gone)) {
+                    if let Some(i) = watched.iter().position(|w| w.wd == e.wd) {
+                        let w = watched.swap_remove(i);
+                        let _ = ino.get_ref().0.rm_watch(w.wd);
+                    }
                 }
-                if evs.iter().any(|e| touches(&e.name, &files)) {
+                let lost = watched.len() != before;
+                let rearmed = watch_dirs(&ino.get_ref().0, &files, &mut watched);
+                if lost || rearmed || evs.iter().any(|e| touches(&e.name, &files)) {
                     d.reload("configuration file changed");
+                    watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
                 }
-                watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
             }
             _ = resync.tick() => {
                 d.pending.get_or_insert("resync");
@@ -651,10 +835,88 @@ mod tests {
     }
 
     #[test]
+    fn lost_notifications_mean_one_full_resync_per_burst() {
+        let mut o = Overflow::default();
+        assert!(!o.starting(), "no overflow: the cache may be used");
+        assert!(o.ended(true));
+        o.lost("a");
+        o.lost("b");
+        assert!(o.warned, "the burst is logged");
+        assert!(o.starting(), "the next reconcile reads everything");
+        o.lost("c"); // more lost while it runs: its cache is not kept, one more full pass
+        assert!(!o.ended(true));
+        assert!(o.warned, "still the same burst");
+        assert!(o.starting());
+        assert!(!o.ended(false), "a failed resync is owed again");
+        assert!(o.starting());
+        assert!(o.ended(true));
+        assert!(!o.warned, "the burst is over: the next one is logged again");
+        assert!(!o.starting());
+    }
+
+    #[test]
     fn touched_files() {
         let files = vec![PathBuf::from("/etc/masqd/masqd.toml")];
         assert!(touches(&Some("masqd.toml".into()), &files));
         assert!(touches(&Some("..data".into()), &files));
         assert!(!touches(&Some("other.toml".into()), &files));
+    }
+
+    #[test]
+    fn blocked_signals_are_read_from_the_signalfd_and_not_inherited() {
+        // In a thread of its own: the mask is per thread.
+        std::thread::spawn(|| {
+            block_signals();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let signals = Signals::new().unwrap();
+                // A SIGHUP sent to this very thread before anyone reads: pending, then read.
+                // SAFETY: a signal to the calling thread, which has it blocked.
+                assert_eq!(
+                    unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) },
+                    0
+                );
+                let got = tokio::time::timeout(Duration::from_secs(5), signals.recv()).await;
+                assert_eq!(got.unwrap().unwrap(), Signal::SIGHUP);
+            });
+            // A child starts with nothing blocked.
+            let out = crate::exec::run(
+                Path::new("/bin/grep"),
+                &["SigBlk", "/proc/self/status"],
+                None,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert!(out.stdout.contains("0000000000000000"), "{}", out.stdout);
+            unblock_signals();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn watch_targets_walk_up_to_an_existing_directory() {
+        let d = std::env::temp_dir().join(format!("masqd-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let file = d.join("a/b/subnet.env");
+        assert_eq!(watch_target(&file).unwrap().0, d);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        assert_eq!(watch_target(&file).unwrap().0, d.join("a/b"));
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        let mut watched = Vec::new();
+        let files = vec![file.clone()];
+        assert!(!watch_dirs(&ino, &files, &mut watched), "first arming");
+        assert_eq!(watched.len(), 1);
+        std::fs::remove_dir_all(d.join("a")).unwrap();
+        assert!(watch_dirs(&ino, &files, &mut watched), "moved up");
+        assert_eq!(watched[0].dir, d);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        assert!(watch_dirs(&ino, &files, &mut watched), "back");
+        assert_eq!(watched[0].dir, d.join("a/b"));
+        assert!(!watch_dirs(&ino, &files, &mut watched), "steady");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -129,7 +129,8 @@ pub fn legacy_facts(f: Family, facts: &mut Facts) {
     let (save, _, _) = legacy::binary_names(f);
     let Some(path) = exec::find_binary(save) else {
         facts.legacy_error = Some(format!(
-            "legacy tables are loaded ({}) but {save} is not on PATH to inspect them",
+            "legacy tables are loaded ({}) but {save} is not on PATH (in a directory only root \
+             can write) to inspect them",
             facts.legacy_tables.join(", ")
         ));
         return;

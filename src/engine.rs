@@ -350,7 +350,12 @@ impl Plan {
 /// Default rules about to be removed are recorded in the state directory first, so a crash
 /// never loses one. An nftables transaction refused because the ruleset changed underneath
 /// (generation mismatch) is re-planned, at most 5 times.
+///
+/// The state directory is locked for the whole observe → record → apply
+/// ([`State::lock_command`]): refused while `masqd run` holds it, waiting for another `apply`
+/// or `teardown` up to [`crate::state::LOCK_WAIT`].
 pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
+    let _lock = State::new(&paths.state_dir).lock_command("apply")?;
     let mut sock = Socket::open().context("opening netlink")?;
     apply_with(&mut sock, &paths.state_dir, cfg, policy, &mut None, None)
 }
@@ -367,6 +372,9 @@ pub type Mute<'a> = &'a (dyn Fn(bool) + Sync);
 ///
 /// `cache` holds the sets masqd committed last (see [`SetCache`]); it is refreshed after every
 /// success and dropped after any failure.
+///
+/// The caller holds the state directory's lock: [`apply`] takes it per command, `masqd run`
+/// ([`State::lock_daemon`]) for its whole life.
 pub fn apply_with(
     sock: &mut Socket,
     state_dir: &Path,
@@ -391,6 +399,9 @@ fn apply_inner(
     mute: Option<Mute<'_>>,
 ) -> Result<Plan> {
     let state = State::new(state_dir);
+    // A state file that cannot be read is refused before anything changes, whether or not
+    // this apply has a rule to record.
+    state.load()?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -559,78 +570,205 @@ pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
     Ok(st)
 }
 
-/// Removes masqd's objects from both backends and restores the recorded default rules.
-/// Returns how many rules were put back.
+/// Puts the recorded default rules back, then removes masqd's objects from both backends
+/// (design.md §5), so that at no moment neither masqd's policy nor the restored rule is in
+/// place. Returns how many rules were put back.
+///
+/// 1. Every record is checked before it is replayed (it must still decode as a broad masquerade
+///    rule for its source CIDR); nftables records go back in one transaction that recreates a
+///    missing `ip`/`ip6 nat` table or `POSTROUTING` chain, legacy ones in one
+///    `iptables-legacy-restore` per family. Nothing of masqd's is removed yet.
+/// 2. Where a record cannot be put back, teardown says so naming the rule, keeps the record and
+///    stops: masqd's policy stays in place.
+/// 3. Otherwise masqd's legacy chains and jumps go, then its nftables table; it succeeds only
+///    when nothing of masqd's is left.
+///
+/// Holds the state lock throughout: refused while `masqd run` holds the state directory.
 pub fn teardown(paths: &Paths) -> Result<usize> {
     let state = State::new(&paths.state_dir);
+    let _lock = state.lock_command("teardown")?;
     let records = state.load()?;
     let mut sock = Socket::open().context("opening netlink")?;
+    let nft_ok = match nft::genid(&mut sock) {
+        Ok(_) => true,
+        Err(e) if matches!(e.errno(), Some(libc::EOPNOTSUPP | libc::EPROTONOSUPPORT)) => false,
+        Err(e) => return Err(e).context("reading the nftables ruleset generation"),
+    };
+    let mut kept = Vec::new();
+    let mut problems = Vec::new();
+    let mut restored = restore_nft_records(&mut sock, nft_ok, &records, &mut kept, &mut problems);
+    restored += restore_legacy_records(&records, &mut kept, &mut problems);
+    for r in records
+        .iter()
+        .filter(|r| r.backend != "nft" && r.backend != "legacy")
+    {
+        problems.push(format!(
+            "{}: unknown backend {:?}",
+            r.description, r.backend
+        ));
+        kept.push(r.clone());
+    }
+    state.store(&kept)?;
+    if !problems.is_empty() {
+        return Err(anyhow!(
+            "{} recorded rule(s) could not be put back, so masqd's policy stays in place and \
+             the records stay in {}:\n  {}",
+            problems.len(),
+            state.path().display(),
+            problems.join("\n  ")
+        ));
+    }
+    remove_own_objects(&mut sock, nft_ok)?;
+    Ok(restored)
+}
+
+/// Teardown step 1 for the nftables records: checked, then put back in one transaction
+/// (re-planned when the ruleset changed meanwhile). Failures go to `problems`, with the
+/// records to `kept`.
+fn restore_nft_records(
+    sock: &mut Socket,
+    nft_ok: bool,
+    records: &[crate::state::RemovedRule],
+    kept: &mut Vec<crate::state::RemovedRule>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let mut good = Vec::new();
+    for r in records.iter().filter(|r| r.backend == "nft") {
+        let why = match nft::replayable(r) {
+            Ok(_) if nft_ok => {
+                good.push(r);
+                continue;
+            }
+            Ok(_) => "the kernel answers no nf_tables requests".to_string(),
+            Err(why) => format!("refused to replay it: {why}"),
+        };
+        problems.push(format!("{}: {why}", r.description));
+        kept.push(r.clone());
+    }
+    if good.is_empty() {
+        return 0;
+    }
     let mut attempt = 0;
-    let mut restored = loop {
+    loop {
         attempt += 1;
-        match nft::teardown(&mut sock, &records) {
-            Ok(n) => break n,
+        match nft::restore_rules(sock, &good) {
+            Ok(n) => return n,
             Err(e)
                 if attempt < 5
                     && e.downcast_ref::<nft::netlink::NlError>()
                         .and_then(|n| n.errno())
-                        == Some(ERESTART) =>
-            {
-                continue
+                        == Some(ERESTART) => {}
+            Err(e) => {
+                for r in good {
+                    problems.push(format!("{}: {e:#}", r.description));
+                    kept.push(r.clone());
+                }
+                return 0;
             }
-            Err(e) => return Err(e).context("tearing down nftables"),
         }
-    };
-    let mut left: Vec<_> = Vec::new();
+    }
+}
+
+/// Teardown step 1 for the legacy records: checked, then appended to POSTROUTING with one
+/// `iptables-legacy-restore --noflush` per family. Failures go to `problems`, with the records
+/// to `kept`.
+fn restore_legacy_records(
+    records: &[crate::state::RemovedRule],
+    kept: &mut Vec<crate::state::RemovedRule>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let mut restored = 0;
     for f in Family::ALL {
-        let fam = match f {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        };
-        let recs: Vec<_> = records
+        let fam = if f == Family::V4 { "ip" } else { "ip6" };
+        let mut good = Vec::new();
+        for r in records
             .iter()
             .filter(|r| r.backend == "legacy" && r.family == fam)
-            .collect();
-        let loaded = legacy::tables_loaded(f).unwrap_or_default();
-        if recs.is_empty() && !loaded.iter().any(|t| t == "nat") {
+        {
+            match legacy::replayable(r) {
+                Ok(_) => good.push(r),
+                Err(why) => {
+                    problems.push(format!("{}: refused to replay it: {why}", r.description));
+                    kept.push(r.clone());
+                }
+            }
+        }
+        if good.is_empty() {
+            continue;
+        }
+        let res = legacy::binaries(f)
+            .ok_or_else(|| anyhow!("no iptables-legacy binaries to restore it with"))
+            .and_then(|bins| {
+                let lo = legacy::observe(f, &bins)?;
+                let (payload, n) = legacy::restore_payload(&lo, &good);
+                if let Some(p) = payload {
+                    legacy::apply(&bins, &p)?;
+                }
+                Ok(n)
+            });
+        match res {
+            Ok(n) => restored += n,
+            Err(e) => {
+                for r in good {
+                    problems.push(format!("{}: {e:#}", r.description));
+                    kept.push(r.clone());
+                }
+            }
+        }
+    }
+    restored
+}
+
+/// Teardown step 3: masqd's legacy chains and jumps, then its nftables table; then checks that
+/// nothing of masqd's is left. Equals `iptables-legacy-restore --noflush` of
+/// [`legacy::teardown_payload`] per family, then `nft delete table inet masqd`.
+fn remove_own_objects(sock: &mut Socket, nft_ok: bool) -> Result<()> {
+    let mut legacy_bins = Vec::new();
+    for f in Family::ALL {
+        if !legacy::tables_loaded(f)
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t == "nat")
+        {
             continue;
         }
         let Some(bins) = legacy::binaries(f) else {
-            if !recs.is_empty() {
-                left.extend(recs.into_iter().cloned());
-                tracing::error!(
-                    "{f}: recorded legacy rules but no iptables-legacy binaries to restore them"
-                );
-            }
+            tracing::warn!(
+                "{f}: the legacy nat table is loaded but the iptables-legacy binaries are \
+                 missing: masqd's legacy chain, if any, cannot be removed"
+            );
             continue;
         };
-        let lo = legacy::observe(f, &bins)?;
-        if let Some(payload) = legacy::teardown_payload(&lo, &recs) {
-            legacy::apply(&bins, &payload)
-                .with_context(|| format!("tearing down legacy {f}:\n{payload}"))?;
-            restored += recs
-                .iter()
-                .filter(|r| {
-                    r.legacy_rule
-                        .as_ref()
-                        .is_some_and(|s| !lo.postrouting.contains(s))
-                })
-                .count();
+        let lo = legacy::observe(f, &bins)
+            .with_context(|| format!("reading the legacy {f} nat table"))?;
+        if let Some(payload) = legacy::teardown_payload(&lo) {
+            legacy::apply(&bins, &payload).with_context(|| {
+                format!(
+                    "removing masqd's legacy {f} chain (the recorded rules are back; masqd's \
+                     table stays until teardown runs again):\n{payload}"
+                )
+            })?;
+        }
+        legacy_bins.push((f, bins));
+    }
+    if nft_ok {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match nft::delete_own_table(sock) {
+                Ok(()) => break,
+                Err(e) if e.errno() == Some(ERESTART) && attempt < 5 => {}
+                Err(e) => return Err(e).context("deleting table inet masqd"),
+            }
+        }
+        if nft::own_table_exists(sock)? {
+            return Err(anyhow!("table inet {} is still there", plan::TABLE));
         }
     }
-    left.extend(
-        records
-            .iter()
-            .filter(|r| r.backend != "nft" && r.backend != "legacy")
-            .cloned(),
-    );
-    state.store(&left)?;
-    if !left.is_empty() {
-        return Err(anyhow!(
-            "{} recorded rule(s) could not be restored; they stay in {}",
-            left.len(),
-            paths.state_dir.display()
-        ));
+    for (f, bins) in legacy_bins {
+        if legacy::observe(f, &bins)?.has_masqd() {
+            return Err(anyhow!("masqd's legacy {f} chain or jump is still there"));
+        }
     }
-    Ok(restored)
+    Ok(())
 }

@@ -1,14 +1,30 @@
 //! Running the legacy iptables binaries: an argument vector (never a shell), optional stdin,
-//! a timeout on every call, and output checks that treat "exit 0 but an error printed" as the
-//! failure it is.
+//! a clean environment, a deadline that covers the whole process group and its pipes, and a
+//! failure test on the exit status and the tool's own error stream.
+//!
+//! Binaries are looked up only in trusted directories of `$PATH` (absolute, owned by root, not
+//! writable by group or others; `/usr/sbin:/usr/bin:/sbin:/bin` when `PATH` is unset), and the
+//! binary itself — every symlink hop to its final target — must be just as trusted: masqd runs
+//! them as root.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 
 /// Default bound on every binary call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The search path when `PATH` is unset, and the only `PATH` a child is given.
+pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A binary call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,15 +38,17 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
-    /// Did not finish in time (it was killed).
-    #[error("{cmd}: no answer within {timeout:?}; killed")]
+    /// Did not finish in time (its process group was killed).
+    #[error("{cmd}: no answer within {timeout:?} ({why}); killed")]
     Timeout {
         /// Command line.
         cmd: String,
         /// The bound.
         timeout: Duration,
+        /// What was still running or open.
+        why: String,
     },
-    /// Exited non-zero, or exited 0 while reporting an error.
+    /// Exited non-zero, or exited 0 while reporting an error on stderr.
     #[error("{cmd}: {why}: {stderr}")]
     Failed {
         /// Command line.
@@ -51,19 +69,103 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Finds `name` in the directories of `$PATH` (no `which`, no shell).
+/// Finds `name` in the trusted directories of `$PATH` (no `which`, no shell); see
+/// [`find_in`].
 pub fn find_binary(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
+    let path = std::env::var_os("PATH").unwrap_or_else(|| SAFE_PATH.into());
+    find_in(&path, name)
 }
 
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+/// Finds `name` in the entries of the search path `path` that are trusted directories, taking
+/// the first candidate that is a trusted binary. Empty and relative entries (the current
+/// directory) are never searched; an untrusted directory or binary is skipped with a warning
+/// (once per path).
+pub fn find_in(path: &OsStr, name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    for dir in std::env::split_paths(path) {
+        let candidate = dir.join(name);
+        if std::fs::symlink_metadata(&candidate).is_err() {
+            continue;
+        }
+        match trusted_dir(&dir).and_then(|()| trusted_binary(&candidate)) {
+            Ok(()) => return Some(candidate),
+            Err(why) => warn_once(&candidate, &why),
+        }
+    }
+    None
+}
+
+fn warn_once(p: &Path, why: &str) {
+    static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|s| s == p) {
+        seen.push(p.to_path_buf());
+        tracing::warn!("not running {}: {why}", p.display());
+    }
+}
+
+/// A directory root alone can change: absolute, a directory (after symlinks), owned by root,
+/// not writable by group or others.
+pub fn trusted_dir(d: &Path) -> Result<(), String> {
+    if !d.is_absolute() {
+        return Err(format!(
+            "PATH entry {:?} is not an absolute directory (an empty or relative entry means \
+             the current directory)",
+            d.display().to_string()
+        ));
+    }
+    let m = std::fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    if !m.is_dir() {
+        return Err(format!("{} is not a directory", d.display()));
+    }
+    owned_by_root(d, &m)
+}
+
+fn owned_by_root(p: &Path, m: &std::fs::Metadata) -> Result<(), String> {
+    if m.uid() != 0 {
+        return Err(format!(
+            "{} is owned by uid {}, not root",
+            p.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o})",
+            p.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// A binary root alone can change: every symlink hop lies in a trusted directory, and the final
+/// target is an executable regular file owned by root and not writable by group or others.
+pub fn trusted_binary(p: &Path) -> Result<(), String> {
+    let mut cur = p.to_path_buf();
+    for _ in 0..40 {
+        let m = std::fs::symlink_metadata(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
+        if !m.file_type().is_symlink() {
+            if !m.is_file() || m.mode() & 0o111 == 0 {
+                return Err(format!("{} is not an executable file", cur.display()));
+            }
+            return owned_by_root(&cur, &m);
+        }
+        let target = std::fs::read_link(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
+        let next = match cur.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+        let dir = next.parent().unwrap_or(Path::new("/"));
+        trusted_dir(dir).map_err(|e| format!("{} -> {}: {e}", cur.display(), next.display()))?;
+        cur = next;
+    }
+    Err(format!(
+        "{}: too many levels of symbolic links",
+        p.display()
+    ))
 }
 
 fn display(prog: &Path, args: &[&str]) -> String {
@@ -75,9 +177,12 @@ fn display(prog: &Path, args: &[&str]) -> String {
     s
 }
 
-/// Runs `prog args…`, feeding `stdin`, killing it after `timeout`. Exit 0 is required, and an
-/// output that reports an error (`incompatible`, `error`, `Fatal`, `can't initialize`…) counts as
-/// a failure even with exit 0.
+/// Runs `prog args…` in a process group of its own with a clean environment (`PATH=`
+/// [`SAFE_PATH`], `LC_ALL=C`, nothing else), feeding `stdin`. When the program exits, whatever
+/// it left running in its group is killed; at `timeout` the whole group is killed, even when
+/// only a leftover holds the output pipes open. Exit 0 is required, and an error reported on
+/// stderr (`incompatible`, `error`, `Fatal`, `can't initialize`…) counts as a failure even with
+/// exit 0; what the program printed on stdout (the rules, with their comments) never does.
 pub fn run(
     prog: &Path,
     args: &[&str],
@@ -85,8 +190,24 @@ pub fn run(
     timeout: Duration,
 ) -> Result<Output, ExecError> {
     let cmd = display(prog, args);
-    let mut child = Command::new(prog)
+    let mut command = Command::new(prog);
+    // The child starts with no signal blocked: `masqd run` blocks SIGHUP/SIGTERM/SIGINT in all
+    // its threads (daemon::block_signals), and a blocked mask survives exec.
+    // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe and allocate nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("LC_ALL", "C")
+        .process_group(0)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -94,54 +215,24 @@ pub fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("LC_ALL", "C")
         .spawn()
         .map_err(|source| ExecError::Spawn {
             cmd: cmd.clone(),
             source,
         })?;
-    let writer = match (stdin, child.stdin.take()) {
-        (Some(data), Some(mut pipe)) => {
-            let data = data.to_vec();
-            Some(std::thread::spawn(move || {
-                let _ = pipe.write_all(&data);
-            }))
-        }
-        _ => None,
-    };
-    let mut out_pipe = child.stdout.take();
-    let mut err_pipe = child.stderr.take();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = out_pipe.as_mut() {
-            let _ = p.read_to_end(&mut s);
-        }
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = err_pipe.as_mut() {
-            let _ = p.read_to_end(&mut s);
-        }
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(ExecError::Timeout { cmd, timeout });
-            }
-        }
-    };
-    if let Some(w) = writer {
-        let _ = w.join();
+    let mut io = Pipes::of(&mut child, stdin.unwrap_or_default());
+    let pumped = io.pump(&child, Instant::now() + timeout);
+    // The leader was only peeked at (WNOWAIT) so far: its group id stayed valid for killpg.
+    let status = child.wait();
+    if let Err(why) = pumped {
+        return Err(ExecError::Timeout { cmd, timeout, why });
     }
-    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    let status = status.map_err(|source| ExecError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    })?;
+    let stdout = String::from_utf8_lossy(&io.out_buf).into_owned();
+    let stderr = String::from_utf8_lossy(&io.err_buf).into_owned();
     if !status.success() {
         return Err(ExecError::Failed {
             cmd,
@@ -149,7 +240,7 @@ pub fn run(
             stderr: stderr.trim().to_string(),
         });
     }
-    if let Some(line) = reported_error(&stdout, &stderr) {
+    if let Some(line) = reported_error(&stderr) {
         return Err(ExecError::Failed {
             cmd,
             why: "exited 0 but reported an error".into(),
@@ -159,11 +250,156 @@ pub fn run(
     Ok(Output { stdout, stderr })
 }
 
-/// The first line of output that reports an error, if any. On stdout only `#` comment lines
-/// (where iptables-save reports `Table … is incompatible`) and lines that are not save syntax
-/// count; on stderr any line with an error word. Warnings about *other* backends' tables being
-/// present (`# Warning: iptables-legacy tables present`) are not errors.
-pub fn reported_error(stdout: &str, stderr: &str) -> Option<String> {
+/// The child's pipes, driven by one poll loop (no thread can be left blocked on them).
+struct Pipes<'a> {
+    stdin: Option<ChildStdin>,
+    input: &'a [u8],
+    out: Option<ChildStdout>,
+    err: Option<ChildStderr>,
+    out_buf: Vec<u8>,
+    err_buf: Vec<u8>,
+}
+
+impl<'a> Pipes<'a> {
+    fn of(child: &mut Child, input: &'a [u8]) -> Pipes<'a> {
+        let p = Pipes {
+            stdin: child.stdin.take(),
+            input,
+            out: child.stdout.take(),
+            err: child.stderr.take(),
+            out_buf: Vec::new(),
+            err_buf: Vec::new(),
+        };
+        for fd in [
+            p.stdin.as_ref().map(AsRawFd::as_raw_fd),
+            p.out.as_ref().map(AsRawFd::as_raw_fd),
+            p.err.as_ref().map(AsRawFd::as_raw_fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            set_nonblocking(fd);
+        }
+        p
+    }
+
+    /// Feeds stdin and drains stdout and stderr until the leader has exited and both output
+    /// pipes are closed. Kills the group when the leader exits (leftovers) and at `deadline`
+    /// (then returns what was still pending).
+    fn pump(&mut self, child: &Child, deadline: Instant) -> Result<(), String> {
+        let pgid = Pid::from_raw(child.id() as i32);
+        let mut exited = false;
+        loop {
+            if !exited && leader_exited(pgid) {
+                exited = true;
+                self.stdin = None;
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            if self.input.is_empty() {
+                self.stdin = None;
+            }
+            if exited && self.out.is_none() && self.err.is_none() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                return Err(if exited {
+                    "it exited, but a process outside its group kept its output open".into()
+                } else {
+                    "still running".into()
+                });
+            }
+            let wait = (deadline - now).min(Duration::from_millis(if exited { 50 } else { 5 }));
+            self.poll_once(wait);
+        }
+    }
+
+    /// One `poll(2)` over the open pipes, then the reads and writes it allows.
+    fn poll_once(&mut self, wait: Duration) {
+        let fd = |f: Option<i32>, events| libc::pollfd {
+            fd: f.unwrap_or(-1),
+            events,
+            revents: 0,
+        };
+        let mut fds = [
+            fd(self.stdin.as_ref().map(AsRawFd::as_raw_fd), libc::POLLOUT),
+            fd(self.out.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN),
+            fd(self.err.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN),
+        ];
+        let ms = wait.as_millis().clamp(1, 1000) as libc::c_int;
+        // SAFETY: `fds` is a valid array of 3 pollfd for the duration of the call; negative
+        // fds are ignored by poll(2).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n <= 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            self.feed();
+        }
+        if fds[1].revents != 0 && drain(self.out.as_mut(), &mut self.out_buf) {
+            self.out = None;
+        }
+        if fds[2].revents != 0 && drain(self.err.as_mut(), &mut self.err_buf) {
+            self.err = None;
+        }
+    }
+
+    fn feed(&mut self) {
+        let Some(pipe) = self.stdin.as_mut() else {
+            return;
+        };
+        match pipe.write(self.input) {
+            Ok(n) => self.input = &self.input[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // EPIPE: it stopped reading; what it did is judged by its status.
+            Err(_) => self.input = &[],
+        }
+    }
+}
+
+/// Reads what is available; true at end of file (or on an error other than "try again").
+fn drain(pipe: Option<&mut impl Read>, buf: &mut Vec<u8>) -> bool {
+    let Some(pipe) = pipe else {
+        return true;
+    };
+    let mut chunk = [0u8; 65536];
+    loop {
+        match pipe.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+fn set_nonblocking(fd: i32) {
+    // SAFETY: plain fcntl(2) on a pipe fd this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// Whether the group leader has exited, without reaping it (`waitid(P_PID, …, WEXITED |
+/// WNOHANG | WNOWAIT)`): while it is an unreaped zombie its PID, the group id, cannot be reused.
+fn leader_exited(pid: Pid) -> bool {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    !matches!(
+        waitid(Id::Pid(pid), flags),
+        Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR)
+    )
+}
+
+/// The first line of stderr that reports an error, if any. Warnings (`# Warning: iptables-legacy
+/// tables present`) are not errors. stdout is not read: it holds the rules, and a foreign
+/// comment may say anything.
+pub fn reported_error(stderr: &str) -> Option<String> {
     const BAD: [&str; 6] = [
         "incompatible",
         "error",
@@ -172,33 +408,22 @@ pub fn reported_error(stdout: &str, stderr: &str) -> Option<String> {
         "permission denied",
         "not supported",
     ];
-    let bad = |l: &str| {
-        let low = l.to_ascii_lowercase();
-        !low.contains("warning:") && BAD.iter().any(|b| low.contains(b))
-    };
-    let out = stdout.lines().map(str::trim).find(|l| {
-        if l.is_empty() {
-            return false;
-        }
-        if l.starts_with('#') {
-            return bad(l);
-        }
-        !(l.starts_with('*')
-            || l.starts_with(':')
-            || l.starts_with('-')
-            || l.starts_with('[')
-            || *l == "COMMIT")
-    });
-    out.or_else(|| stderr.lines().map(str::trim).find(|l| bad(l)))
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| {
+            let low = l.to_ascii_lowercase();
+            !low.contains("warning:") && BAD.iter().any(|b| low.contains(b))
+        })
         .map(str::to_string)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let p = dir.join(name);
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -208,54 +433,126 @@ mod tests {
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("masqd-exec-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         d
     }
 
+    fn alive(pid: i32) -> bool {
+        // A leftover reparented to init may stay a zombie for a moment: that is not running.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    fn gone_soon(pid: i32) -> bool {
+        let t = Instant::now();
+        while alive(pid) {
+            if t.elapsed() > Duration::from_secs(3) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    fn pid_in(f: &Path) -> i32 {
+        std::fs::read_to_string(f).unwrap().trim().parse().unwrap()
+    }
+
     #[test]
-    fn exit_zero_with_error_output_is_a_failure() {
+    fn exit_zero_with_an_error_on_stderr_is_a_failure() {
         let d = tmpdir("err");
-        let p = script(
-            &d,
-            "save",
-            "echo '# Table `nat'\"'\"' is incompatible, use '\"'\"'nft'\"'\"' tool.'; exit 0",
-        );
-        let e = run(&p, &[], None, DEFAULT_TIMEOUT).unwrap_err();
-        assert!(e.to_string().contains("incompatible"), "{e}");
         let p = script(
             &d,
             "save2",
             "echo 'iptables-legacy-save: error while loading' >&2; exit 0",
         );
-        assert!(matches!(
-            run(&p, &[], None, DEFAULT_TIMEOUT),
-            Err(ExecError::Failed { .. })
-        ));
+        let e = run(&p, &[], None, DEFAULT_TIMEOUT).unwrap_err();
+        assert!(matches!(e, ExecError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("error while loading"), "{e}");
+        let p = script(
+            &d,
+            "warn",
+            "echo '# Warning: iptables-legacy tables present' >&2",
+        );
+        assert!(run(&p, &[], None, DEFAULT_TIMEOUT).is_ok());
         let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
-    fn hanging_binary_times_out() {
+    fn words_in_the_printed_rules_are_not_errors() {
+        let d = tmpdir("words");
+        // What iptables-legacy-save prints for a comment holding a newline and "error".
+        let body = "printf '*nat\\n-A POSTROUTING -m comment --comment \"x\\nerror y Fatal\" \
+                    -j MASQUERADE\\n# Table incompatible\\nCOMMIT\\n'";
+        let p = script(&d, "save", body);
+        let o = run(&p, &[], None, DEFAULT_TIMEOUT).unwrap();
+        assert!(o.stdout.contains("error y Fatal"), "{}", o.stdout);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn hanging_binary_times_out_with_its_whole_group() {
         let d = tmpdir("hang");
-        let p = script(&d, "hang", "exec sleep 30");
+        let pidf = d.join("pid");
+        let p = script(
+            &d,
+            "hang",
+            &format!("sleep 30 & echo $! > {}; exec sleep 30", pidf.display()),
+        );
         let t = Instant::now();
         let e = run(&p, &[], None, Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, ExecError::Timeout { .. }), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(gone_soon(pid_in(&pidf)), "the grandchild was killed too");
         let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
-    fn stdin_and_args_are_passed_verbatim() {
+    fn a_leftover_holding_stdout_neither_hangs_the_call_nor_survives() {
+        let d = tmpdir("leftover");
+        let pidf = d.join("pid");
+        let p = script(
+            &d,
+            "save",
+            &format!("sleep 60 & echo $! > {}; echo done", pidf.display()),
+        );
+        let t = Instant::now();
+        let o = run(&p, &[], None, Duration::from_secs(5)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        assert_eq!(o.stdout, "done\n");
+        assert!(gone_soon(pid_in(&pidf)), "the leftover was killed");
+        // One that leaves the group (setsid) cannot be killed, but cannot hang the call either.
+        let escaped = d.join("escaped");
+        let p = script(
+            &d,
+            "escape",
+            &format!(
+                "setsid sh -c 'echo $$ > {0}; exec sleep 60' &\n\
+                 while [ ! -s {0} ]; do sleep 0.05; done; echo done",
+                escaped.display()
+            ),
+        );
+        let t = Instant::now();
+        let e = run(&p, &[], None, Duration::from_secs(1)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        assert!(e.to_string().contains("kept its output open"), "{e}");
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid_in(&escaped)), Signal::SIGKILL);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn stdin_and_args_are_passed_verbatim_in_a_clean_environment() {
         let d = tmpdir("echo");
         let p = script(&d, "cat", "printf -- '-%s|' \"$@\"; cat");
-        let o = run(
-            &p,
-            &["a b", "$(id)", ";"],
-            Some(b"payload"),
-            DEFAULT_TIMEOUT,
-        )
-        .unwrap();
-        assert_eq!(o.stdout, "-a b|-$(id)|-;|payload");
+        let big = vec![b'x'; 1 << 20];
+        let o = run(&p, &["a b", "$(id)", ";"], Some(&big), DEFAULT_TIMEOUT).unwrap();
+        assert_eq!(o.stdout.len(), "-a b|-$(id)|-;|".len() + big.len());
+        assert!(o.stdout.starts_with("-a b|-$(id)|-;|xxx"));
         let e = run(
             &script(&d, "fail", "echo nope >&2; exit 3"),
             &[],
@@ -264,6 +561,69 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+        let o = run(&script(&d, "env", "env"), &[], None, DEFAULT_TIMEOUT).unwrap();
+        let vars: Vec<&str> = o
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| !["PWD", "SHLVL", "_", "OLDPWD"].contains(k))
+            .collect();
+        assert_eq!(vars.len(), 2, "{}", o.stdout);
+        assert!(
+            o.stdout.contains(&format!("PATH={SAFE_PATH}\n")),
+            "{}",
+            o.stdout
+        );
+        assert!(o.stdout.contains("LC_ALL=C\n"), "{}", o.stdout);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn only_trusted_directories_and_binaries_are_found() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "run the tests as root"
+        );
+        let d = tmpdir("lookup");
+        let mk = |name: &str, mode: u32| {
+            let sub = d.join(name);
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            script(&sub, "tool", "true");
+            sub
+        };
+        let good = mk("good", 0o755);
+        let world = mk("world", 0o777);
+        let group = mk("group", 0o775);
+        let other = mk("other", 0o755);
+        nix::unistd::chown(&other, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let path = |dirs: &[&str]| std::ffi::OsString::from(dirs.join(":"));
+        let s = |p: &Path| p.display().to_string();
+        let found = |dirs: &[&str]| find_in(&path(dirs), "tool");
+        assert_eq!(found(&[&s(&good)]), Some(good.join("tool")));
+        for bad in [&world, &group, &other] {
+            assert_eq!(
+                found(&[&s(bad), &s(&good)]),
+                Some(good.join("tool")),
+                "{bad:?}"
+            );
+            assert_eq!(found(&[&s(bad)]), None, "{bad:?}");
+        }
+        // Empty and relative entries are the current directory: never searched.
+        assert_eq!(found(&["", "."]), None);
+        assert_eq!(find_in(&path(&["good"]), "tool"), None);
+        // The binary itself: writable by others, or a link to one in an untrusted place.
+        let linked = mk("linked", 0o755);
+        std::fs::set_permissions(linked.join("tool"), std::fs::Permissions::from_mode(0o757))
+            .unwrap();
+        assert_eq!(found(&[&s(&linked)]), None);
+        std::fs::remove_file(linked.join("tool")).unwrap();
+        std::os::unix::fs::symlink(world.join("tool"), linked.join("tool")).unwrap();
+        assert_eq!(found(&[&s(&linked)]), None);
+        std::fs::remove_file(linked.join("tool")).unwrap();
+        std::os::unix::fs::symlink("../good/tool", linked.join("tool")).unwrap();
+        assert_eq!(found(&[&s(&linked)]), Some(linked.join("tool")));
+        assert_eq!(find_in(&path(&[&s(&good)]), "../good/tool"), None);
         let _ = std::fs::remove_dir_all(d);
     }
 }

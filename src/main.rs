@@ -67,8 +67,26 @@ fn init_tracing(level: &str) {
         .init();
 }
 
+/// Blocks SIGHUP/SIGTERM/SIGINT before the Rust runtime starts (an ELF constructor), so that a
+/// signal in the first moments of `masqd run` waits for the daemon's loop instead of killing
+/// the process; `main` unblocks them for the one-shot commands.
+#[used]
+#[link_section = ".init_array"]
+static BLOCK_SIGNALS_EARLY: extern "C" fn() = {
+    extern "C" fn block() {
+        masqd::daemon::block_signals();
+    }
+    block
+};
+
 fn main() -> ExitCode {
+    // First of all (again, should the constructor not have run): SIGHUP/SIGTERM/SIGINT wait
+    // for the daemon's loop; one-shot commands undo it.
+    masqd::daemon::block_signals();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        masqd::daemon::unblock_signals();
+    }
     // One-shot commands are quiet by default; the daemon logs its reconciles.
     let default = match cli.command {
         Command::Run => "info",

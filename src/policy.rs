@@ -152,6 +152,21 @@ pub fn normalize(mut ranges: Vec<Range>) -> Vec<Range> {
     out
 }
 
+/// Whether `nets` (of any family) together cover the whole address space of `family`, after
+/// aggregation: `0.0.0.0/0`, but as well `0.0.0.0/1` + `128.0.0.0/1` or any set of pieces.
+pub fn covers_family(nets: &[IpNet], family: Family) -> bool {
+    let ranges = nets
+        .iter()
+        .filter(|n| Family::of(n) == family)
+        .map(Range::of_net)
+        .collect();
+    normalize(ranges)
+        == [Range {
+            start: 0,
+            end: family.max(),
+        }]
+}
+
 /// Whether `addr` lies in one of the (normalized) `ranges`.
 pub fn contains(ranges: &[Range], addr: u128) -> bool {
     let idx = ranges.partition_point(|r| r.end < addr);
@@ -331,6 +346,39 @@ mod tests {
             normalize(vec![r(0, u128::MAX), r(5, 6)]),
             vec![r(0, u128::MAX)]
         );
+    }
+
+    #[test]
+    fn whole_space_covers() {
+        let nets = |v: &[&str]| -> Vec<IpNet> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        for (set, v4, v6) in [
+            (nets(&["0.0.0.0/0"]), true, false),
+            (nets(&["0.0.0.0/1", "128.0.0.0/1"]), true, false),
+            (
+                nets(&[
+                    "128.0.0.0/2",
+                    "0.0.0.0/1",
+                    "192.0.0.0/2",
+                    "::/1",
+                    "8000::/1",
+                ]),
+                true,
+                true,
+            ),
+            (nets(&["0.0.0.0/1", "128.0.0.0/2"]), false, false),
+            (nets(&["::/1", "8000::/2", "c000::/2"]), false, true),
+            (nets(&["0.0.0.0/1", "128.0.0.0/1", "::/1"]), true, false),
+            (nets(&["0.0.0.1/32"]), false, false),
+        ] {
+            assert_eq!(covers_family(&set, Family::V4), v4, "{set:?}");
+            assert_eq!(covers_family(&set, Family::V6), v6, "{set:?}");
+        }
+        // Many pieces: 256 /8s.
+        let pieces: Vec<IpNet> = (0..=255u32)
+            .map(|i| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(i << 24), 8).unwrap()))
+            .collect();
+        assert!(covers_family(&pieces, Family::V4));
+        assert!(!covers_family(&pieces[1..], Family::V4));
     }
 
     #[test]

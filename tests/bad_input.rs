@@ -59,7 +59,7 @@ fn malformed_toml() {
 #[test]
 fn unknown_key() {
     let (_d, p) = cfg(&GOOD.replace("bridge_interfaces", "bridge_interface"));
-    refused(&p, &["masqd.toml:5:", "unknown field", "bridge_interface"]);
+    refused(&p, &["masqd.toml:5:", "unknown key", "bridge_interface"]);
 }
 
 #[test]

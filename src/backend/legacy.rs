@@ -96,10 +96,185 @@ pub struct SavedTable {
     pub packets: Vec<Option<u64>>,
 }
 
+/// One argument of a rule as iptables-save prints it: a quoted string (`"…"` with `\` escapes,
+/// how `xtables_save_string` prints comments and other free text), or a bare word. Interface
+/// names (`-i`, `-o`) are printed raw, quotes and backslashes included: the word after them
+/// is always bare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedWord {
+    /// The argument's value, unescaped.
+    pub text: String,
+    /// Whether it was printed as a quoted string.
+    pub quoted: bool,
+}
+
+/// How a rule's text reads in iptables-save's notation.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    /// Its arguments.
+    Words(Vec<SavedWord>),
+    /// A quoted string is still open at the end (its value holds a newline).
+    Open,
+    /// A closing quote not followed by a blank.
+    Bad,
+}
+
+fn scan(spec: &str) -> Scan {
+    let blank = |c: char| c == ' ' || c == '\t' || c == '\n';
+    let mut words = Vec::new();
+    let mut chars = spec.chars().peekable();
+    let mut raw_next = false;
+    loop {
+        while chars.next_if(|c| blank(*c)).is_some() {}
+        let Some(&first) = chars.peek() else {
+            return Scan::Words(words);
+        };
+        let mut text = String::new();
+        if first == '"' && !raw_next {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Scan::Open,
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => text.push(c),
+                        None => return Scan::Open,
+                    },
+                    Some(c) => text.push(c),
+                }
+            }
+            if chars.peek().is_some_and(|c| !blank(*c)) {
+                return Scan::Bad;
+            }
+            words.push(SavedWord { text, quoted: true });
+            raw_next = false;
+            continue;
+        }
+        while let Some(c) = chars.next_if(|c| !blank(*c)) {
+            text.push(c);
+        }
+        raw_next = matches!(
+            text.as_str(),
+            "-i" | "-o" | "--in-interface" | "--out-interface"
+        );
+        words.push(SavedWord {
+            text,
+            quoted: false,
+        });
+    }
+}
+
+/// The arguments of a rule spec as iptables-save printed it, or None when it does not read
+/// (a quote left open, a closing quote followed by more text).
+pub fn split_saved(spec: &str) -> Option<Vec<SavedWord>> {
+    match scan(spec) {
+        Scan::Words(w) => Some(w),
+        Scan::Open | Scan::Bad => None,
+    }
+}
+
+/// One argument in iptables-restore's notation (xtables' `add_param_to_argv`: blanks end an
+/// argument, `"` opens a quoted string in which `\` escapes the next character). None for a
+/// value restore cannot read back (a newline or NUL: restore reads line by line).
+pub fn restore_word(w: &str) -> Option<String> {
+    if w.contains(['\n', '\r', '\0']) {
+        return None;
+    }
+    let plain = |c: char| c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '\'' | '#');
+    if !w.is_empty() && w.chars().all(plain) {
+        return Some(w.to_string());
+    }
+    let mut s = String::from("\"");
+    for c in w.chars() {
+        if c == '"' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    Some(s)
+}
+
+/// A rule spec read in iptables-save's notation, written back in iptables-restore's: each
+/// argument through [`restore_word`]. This is how foreign rule text goes into a restore
+/// payload — never pasted.
+pub fn quote_rule(spec: &str) -> Option<String> {
+    let words = split_saved(spec)?;
+    let quoted: Option<Vec<String>> = words.iter().map(|w| restore_word(&w.text)).collect();
+    Some(quoted?.join(" "))
+}
+
+/// One argument of a rule for comparison: the address of `-s`/`-d` as a CIDR (whatever notation
+/// the tool printed it in), everything else as printed.
+#[derive(Debug, PartialEq, Eq)]
+enum RuleArg {
+    Net(IpNet),
+    Word(SavedWord),
+}
+
+fn rule_key(spec: &str) -> Option<Vec<RuleArg>> {
+    let mut addr_next = false;
+    let mut key = Vec::new();
+    for w in split_saved(spec)? {
+        let is_addr_opt = !w.quoted
+            && matches!(
+                w.text.as_str(),
+                "-s" | "-d" | "--source" | "--destination" | "--src" | "--dst"
+            );
+        key.push(if addr_next && !w.quoted {
+            RuleArg::Net(parse_saved_net(&w.text)?)
+        } else {
+            RuleArg::Word(w)
+        });
+        addr_next = is_addr_opt;
+    }
+    Some(key)
+}
+
+/// Whether two lists of rule specs say the same, comparing addresses as CIDRs: `::10.0.0.0/104`
+/// and `::a00:0/104`, `10.0.0.1` and `10.0.0.1/32` are the same match.
+pub fn same_rules(observed: &[String], desired: &[String]) -> bool {
+    observed.len() == desired.len()
+        && observed
+            .iter()
+            .zip(desired)
+            .all(|(o, d)| match rule_key(o) {
+                Some(k) => rule_key(d).is_some_and(|dk| dk == k),
+                None => false,
+            })
+}
+
+/// The lines of an iptables-save dump, a rule whose quoted string holds newlines (a comment
+/// `"x\nerror y"`) joined back into one line. A quote still open at the end of the dump is not
+/// joined (the line stands alone).
+fn saved_lines(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut i = 0;
+    while i < lines.len() {
+        let mut line = lines[i].to_string();
+        let mut j = i;
+        let rule = line.starts_with("-A ") || line.starts_with('[');
+        while rule && scan(&line) == Scan::Open && j + 1 < lines.len() {
+            j += 1;
+            line.push('\n');
+            line.push_str(lines[j]);
+        }
+        if scan(&line) == Scan::Open {
+            line = lines[i].to_string();
+            j = i;
+        }
+        out.push(line.trim_end().to_string());
+        i = j + 1;
+    }
+    out
+}
+
 /// Parses iptables-save output into its tables.
 pub fn parse_save(text: &str) -> Vec<SavedTable> {
     let mut out: Vec<SavedTable> = Vec::new();
-    for line in text.lines().map(str::trim_end) {
+    for line in saved_lines(text) {
+        let line = line.as_str();
         if let Some(name) = line.strip_prefix('*') {
             out.push(SavedTable {
                 name: name.trim().to_string(),
@@ -184,7 +359,15 @@ pub fn nat_rules(f: Family, o: &LegacyObserved) -> Vec<crate::foreign::NatRule> 
     for (chain, spec) in &o.nat_rules {
         let n = pos.entry(chain.as_str()).or_insert(0);
         *n += 1;
-        let t: Vec<&str> = spec.split_whitespace().collect();
+        // Options only among bare words: a comment saying "-j SNAT" is no target.
+        let words = split_saved(spec);
+        let t: Vec<&str> = match &words {
+            Some(w) => w
+                .iter()
+                .map(|w| if w.quoted { "\"\"" } else { w.text.as_str() })
+                .collect(),
+            None => spec.split_whitespace().collect(),
+        };
         let target = t.windows(2).find(|w| w[0] == "-j").map(|w| w[1]);
         if !matches!(target, Some("MASQUERADE") | Some("SNAT")) {
             continue;
@@ -220,12 +403,19 @@ pub fn nat_rules(f: Family, o: &LegacyObserved) -> Vec<crate::foreign::NatRule> 
     out
 }
 
-/// A CIDR as iptables-save prints it (a host without its prefix length, too).
-fn parse_saved_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-        .map(|n| n.trunc())
+/// A CIDR in any notation iptables-save prints: `addr/len`, a bare host (`/32` and `/128`
+/// omitted by some versions), a contiguous mask (`10.0.0.0/255.0.0.0`), IPv6 compressed or
+/// with an embedded IPv4 part (`::10.0.0.0/104` is `::a00:0/104`, `::ffff:10.0.0.0/104`).
+pub fn parse_saved_net(s: &str) -> Option<IpNet> {
+    use std::net::IpAddr;
+    let net = match s.split_once('/') {
+        None => IpNet::from(s.parse::<IpAddr>().ok()?),
+        Some((addr, len)) if len.bytes().all(|b| b.is_ascii_digit()) => {
+            IpNet::new(addr.parse().ok()?, len.parse().ok()?).ok()?
+        }
+        Some((addr, mask)) => IpNet::with_netmask(addr.parse().ok()?, mask.parse().ok()?).ok()?,
+    };
+    Some(net.trunc())
 }
 
 /// Reads the legacy nat table. Equals `iptables-legacy-save -c -t nat`, run only when
@@ -240,7 +430,7 @@ pub fn observe(f: Family, bins: &Binaries) -> Result<LegacyObserved, ExecError> 
 }
 
 fn net_arg(n: &IpNet) -> String {
-    // iptables-save prints host routes with their prefix length, like every other CIDR.
+    // Compared with what iptables-save prints by `same_rules` (as CIDRs, whatever notation).
     n.to_string()
 }
 
@@ -268,7 +458,12 @@ pub fn desired_chain(fp: &FamilyPolicy, bridges: &[String], random_fully: bool) 
 /// Recognises the broad default rule `-s <cidr> [! -o <if>] -j MASQUERADE [--random|--random-fully]`
 /// with nothing else. Returns its source and excluded interface.
 pub fn match_default(spec: &str) -> Option<(IpNet, Option<String>)> {
-    let t: Vec<&str> = spec.split_whitespace().collect();
+    let words = split_saved(spec)?;
+    // A quoted string has no place in the default rule.
+    if words.iter().any(|w| w.quoted) {
+        return None;
+    }
+    let t: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
     let mut saddr = None;
     let mut oif = None;
     let mut masq = false;
@@ -276,11 +471,7 @@ pub fn match_default(spec: &str) -> Option<(IpNet, Option<String>)> {
     while i < t.len() {
         match t[i] {
             "-s" if saddr.is_none() => {
-                let n: IpNet = t.get(i + 1)?.parse().ok()?;
-                if n.trunc() != n {
-                    return None;
-                }
-                saddr = Some(n);
+                saddr = Some(parse_saved_net(t.get(i + 1)?)?);
                 i += 2;
             }
             "!" if t.get(i + 1) == Some(&"-o") && oif.is_none() => {
@@ -313,6 +504,15 @@ pub struct LegacyPlan {
     pub summary: Vec<String>,
 }
 
+/// `-D POSTROUTING <spec>` with the foreign spec in restore's quoting ([`quote_rule`]; the
+/// plan keeps only defaults it can quote).
+fn delete_line(spec: &str) -> String {
+    format!(
+        "-D POSTROUTING {}",
+        quote_rule(spec).unwrap_or_else(|| spec.to_string())
+    )
+}
+
 /// Plans the legacy nat table of one family. `active` is the family's policy when legacy is
 /// its backend; when it is not, masqd's stale objects are removed. Default rules whose source
 /// is one of `default_pods` are removed either way (when `replace_default`).
@@ -327,6 +527,8 @@ pub fn plan(
             .iter()
             .filter_map(|r| {
                 let (s, oif) = match_default(r)?;
+                // Deleted through restore's quoting; a rule it cannot express stays.
+                quote_rule(r)?;
                 default_pods.contains(&s).then(|| (r.clone(), s, oif))
             })
             .collect()
@@ -339,7 +541,7 @@ pub fn plan(
     match active {
         Some((fp, bridges, random_fully)) => {
             let want = desired_chain(fp, bridges, random_fully);
-            let chain_ok = o.chain_exists && o.chain_rules == want;
+            let chain_ok = o.chain_exists && same_rules(&o.chain_rules, &want);
             let jump_ok = jumps == 1 && o.postrouting.first().map(String::as_str) == Some(JUMP);
             if chain_ok && jump_ok && defaults.is_empty() {
                 return LegacyPlan {
@@ -365,7 +567,7 @@ pub fn plan(
                 summary.push(format!("insert rule nat POSTROUTING 1 {JUMP}"));
             }
             for (spec, _, _) in &defaults {
-                lines.push(format!("-D POSTROUTING {spec}"));
+                lines.push(delete_line(spec));
                 summary.push(format!("delete rule nat POSTROUTING {spec} (default rule)"));
             }
             if !chain_ok {
@@ -386,7 +588,7 @@ pub fn plan(
                 lines.push(format!("-D POSTROUTING {JUMP}"));
             }
             for (spec, _, _) in &defaults {
-                lines.push(format!("-D POSTROUTING {spec}"));
+                lines.push(delete_line(spec));
                 summary.push(format!("delete rule nat POSTROUTING {spec} (default rule)"));
             }
             if o.chain_exists {
@@ -440,9 +642,69 @@ pub fn record_of(f: Family, spec: &str, saddr: &IpNet, oif: &Option<String>) -> 
     }
 }
 
-/// The teardown payload: masqd's jump and chain removed, recorded default rules appended back
-/// (unless an identical one is present). Equals `iptables-legacy-restore --noflush` of it.
-pub fn teardown_payload(o: &LegacyObserved, records: &[&RemovedRule]) -> Option<String> {
+/// Checks that a record may be replayed: a legacy record of `nat POSTROUTING` whose rule still
+/// reads as the broad default rule ([`match_default`]) for the record's source CIDR and
+/// interface, and can be written in restore's notation. Returns the family and the rule in
+/// iptables-restore's notation ([`quote_rule`]), or why not.
+pub fn replayable(rec: &RemovedRule) -> Result<(Family, String), String> {
+    let f = match rec.family.as_str() {
+        "ip" => Family::V4,
+        "ip6" => Family::V6,
+        other => return Err(format!("unknown family {other:?}")),
+    };
+    if rec.backend != "legacy" || rec.table != "nat" || rec.chain != "POSTROUTING" {
+        return Err(format!(
+            "not a rule of legacy nat POSTROUTING ({} {} {})",
+            rec.backend, rec.table, rec.chain
+        ));
+    }
+    let spec = rec.legacy_rule.as_deref().ok_or("no legacy_rule")?;
+    let saddr: IpNet = rec
+        .saddr
+        .parse()
+        .map_err(|_| format!("saddr {:?} is not a CIDR", rec.saddr))?;
+    match match_default(spec) {
+        Some((s, oif)) if s == saddr && oif == rec.oif_neq => {}
+        Some((s, _)) => {
+            return Err(format!(
+                "the rule is a masquerade rule for {s}, not {saddr}"
+            ))
+        }
+        None => return Err("the rule is not a broad masquerade rule".into()),
+    }
+    let quoted = quote_rule(spec).ok_or("the rule cannot be written for iptables-restore")?;
+    Ok((f, quoted))
+}
+
+/// The payload that puts recorded default rules back at the end of POSTROUTING (unless the
+/// same rule is present), leaving masqd's chain and jump in place; with the number of rules it
+/// adds. Records that fail [`replayable`] are skipped (the caller refuses them first). Equals
+/// `iptables-legacy-restore --noflush` of `-A POSTROUTING <rule>` per record.
+pub fn restore_payload(o: &LegacyObserved, records: &[&RemovedRule]) -> (Option<String>, usize) {
+    let mut lines = vec!["*nat".to_string()];
+    for rec in records {
+        let (Ok((_, quoted)), Some(spec)) = (replayable(rec), &rec.legacy_rule) else {
+            continue;
+        };
+        let present = o
+            .postrouting
+            .iter()
+            .any(|r| same_rules(std::slice::from_ref(r), std::slice::from_ref(spec)));
+        if !present {
+            lines.push(format!("-A POSTROUTING {quoted}"));
+        }
+    }
+    let n = lines.len() - 1;
+    if n == 0 {
+        return (None, 0);
+    }
+    lines.push("COMMIT".into());
+    (Some(lines.join("\n") + "\n"), n)
+}
+
+/// The payload that removes masqd's jump and chain, or None when there are none. Equals
+/// `iptables-legacy-restore --noflush` of `-D POSTROUTING <jump>`, `-F` and `-X MASQD-POSTROUTING`.
+pub fn teardown_payload(o: &LegacyObserved) -> Option<String> {
     let mut lines = vec!["*nat".to_string()];
     for r in o.postrouting.iter().filter(|r| *r == JUMP) {
         lines.push(format!("-D POSTROUTING {r}"));
@@ -450,13 +712,6 @@ pub fn teardown_payload(o: &LegacyObserved, records: &[&RemovedRule]) -> Option<
     if o.chain_exists {
         lines.push(format!("-F {CHAIN}"));
         lines.push(format!("-X {CHAIN}"));
-    }
-    for rec in records {
-        if let Some(spec) = &rec.legacy_rule {
-            if !o.postrouting.iter().any(|r| r == spec) {
-                lines.push(format!("-A POSTROUTING {spec}"));
-            }
-        }
     }
     if lines.len() == 1 {
         return None;
@@ -584,6 +839,42 @@ mod tests {
     }
 
     #[test]
+    fn teardown_replays_only_checked_records_and_removes_only_masqd() {
+        let spec = "-s 172.7.21.0/24 ! -o docker0 -j MASQUERADE";
+        let net: IpNet = "172.7.21.0/24".parse().unwrap();
+        let oif = Some("docker0".to_string());
+        let rec = record_of(Family::V4, spec, &net, &oif);
+        assert_eq!(replayable(&rec), Ok((Family::V4, spec.to_string())));
+        let mut other = rec.clone();
+        other.saddr = "10.0.0.0/8".into();
+        assert!(replayable(&other).unwrap_err().contains("not 10.0.0.0/8"));
+        let mut extra = rec.clone();
+        extra.legacy_rule = Some(format!("{spec} -m comment --comment x"));
+        assert!(replayable(&extra).is_err());
+        let mut injected = rec.clone();
+        injected.legacy_rule = Some(format!("{spec}\n-A POSTROUTING -j ACCEPT"));
+        assert!(replayable(&injected).is_err());
+        let mut elsewhere = rec.clone();
+        elsewhere.chain = "INPUT".into();
+        assert!(replayable(&elsewhere).is_err());
+
+        // Restoring leaves masqd's chain and jump; a rule present already is not added twice.
+        let o = LegacyObserved::from_save(SAVE);
+        assert_eq!(restore_payload(&o, &[&rec]), (None, 0));
+        let o = LegacyObserved::from_save(&SAVE.replace(&format!("-A POSTROUTING {spec}\n"), ""));
+        let (p, n) = restore_payload(&o, &[&rec, &other]);
+        assert_eq!(n, 1);
+        assert_eq!(p.unwrap(), format!("*nat\n-A POSTROUTING {spec}\nCOMMIT\n"));
+        // Removing touches masqd's objects only.
+        let p = teardown_payload(&o).unwrap();
+        assert_eq!(
+            p,
+            format!("*nat\n-D POSTROUTING {JUMP}\n-F {CHAIN}\n-X {CHAIN}\nCOMMIT\n")
+        );
+        assert_eq!(teardown_payload(&LegacyObserved::default()), None);
+    }
+
+    #[test]
     fn jump_not_first_is_moved() {
         let pods: Vec<IpNet> = vec![];
         let bridges: Vec<String> = vec![];
@@ -603,5 +894,106 @@ mod tests {
             "{p}"
         );
         assert!(!p.contains(":MASQD-POSTROUTING"), "chain kept: {p}");
+    }
+
+    #[test]
+    fn saved_nets_in_every_notation() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        for (saved, want) in [
+            ("::10.0.0.0/104", "::a00:0/104"),
+            ("::ffff:10.0.0.0/104", "::ffff:a00:0/104"),
+            ("::1.2.3.4/127", "::102:304/127"),
+            ("fd00::1", "fd00::1/128"),
+            ("fd00:0:0:0:0:0:0:1/128", "fd00::1/128"),
+            ("10.0.0.1", "10.0.0.1/32"),
+            ("10.0.0.0/255.0.0.0", "10.0.0.0/8"),
+            ("8000::/1", "8000::/1"),
+        ] {
+            assert_eq!(parse_saved_net(saved), Some(n(want)), "{saved}");
+        }
+        for bad in [
+            "10.0.0.0/255.0.255.0",
+            "10.0.0.0/33",
+            "x",
+            "10.0.0.0/",
+            "::/129",
+        ] {
+            assert_eq!(parse_saved_net(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn chain_rules_compare_as_cidrs() {
+        let want = vec!["-s fd00:7:21::/64 -d ::a00:0/104 -j RETURN".to_string()];
+        let saved = vec!["-s fd00:7:21::/64 -d ::10.0.0.0/104 -j RETURN".to_string()];
+        assert!(same_rules(&saved, &want));
+        let host = vec!["-s fd00:7:21::/64 -d ::a00:0 -j RETURN".to_string()];
+        let host_want = vec!["-s fd00:7:21::/64 -d ::a00:0/128 -j RETURN".to_string()];
+        assert!(same_rules(&host, &host_want));
+        assert!(!same_rules(&host, &want));
+        assert!(!same_rules(&saved, &[]));
+        let other = vec!["-s fd00:7:21::/64 -d ::10.0.0.0/104 -j MASQUERADE".to_string()];
+        assert!(!same_rules(&other, &want));
+    }
+
+    #[test]
+    fn saved_words_and_restore_quoting() {
+        let spec = r#"-s 172.7.21.0/24 ! -o a"b -m comment --comment "x \"q\" \\ \'s" -j X"#;
+        let w = split_saved(spec).unwrap();
+        let texts: Vec<&str> = w.iter().map(|w| w.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "-s",
+                "172.7.21.0/24",
+                "!",
+                "-o",
+                "a\"b",
+                "-m",
+                "comment",
+                "--comment",
+                r#"x "q" \ 's"#,
+                "-j",
+                "X"
+            ]
+        );
+        assert_eq!(
+            quote_rule(spec).unwrap(),
+            r#"-s 172.7.21.0/24 ! -o "a\"b" -m comment --comment "x \"q\" \\ 's" -j X"#
+        );
+        // An interface that begins with a quote is printed raw, too.
+        assert_eq!(
+            quote_rule(r#"! -o "ab" -j MASQUERADE"#).unwrap(),
+            r#"! -o "\"ab\"" -j MASQUERADE"#
+        );
+        assert_eq!(split_saved(r#"--comment "open"#), None);
+        assert_eq!(split_saved(r#"--comment "a"b"#), None);
+        assert_eq!(quote_rule("--comment \"x\nerror y\" -j RETURN"), None);
+        assert_eq!(restore_word(""), Some("\"\"".into()));
+    }
+
+    #[test]
+    fn a_comment_with_newlines_stays_one_rule() {
+        let text = "*nat\n:POSTROUTING ACCEPT [0:0]\n\
+            -A POSTROUTING -m comment --comment \"x\nCOMMIT\n-A POSTROUTING -m comment --comment masqd -j MASQD-POSTROUTING\nerror y\" -j MASQUERADE\n\
+            -A POSTROUTING -s 172.7.21.0/24 ! -o a\"b -j MASQUERADE\nCOMMIT\n";
+        let o = LegacyObserved::from_save(text);
+        assert_eq!(o.postrouting.len(), 2, "{:?}", o.postrouting);
+        assert!(o.postrouting[0].contains("\nerror y\""));
+        assert!(
+            !o.has_masqd(),
+            "the jump inside a foreign comment is not masqd's"
+        );
+        let pods: Vec<IpNet> = vec!["172.7.21.0/24".parse().unwrap()];
+        let p = plan(Some((&fp(), &[], false)), &o, &pods, true);
+        assert_eq!(p.removed_defaults.len(), 1);
+        let payload = p.payload.unwrap();
+        assert!(
+            payload.contains("\n-D POSTROUTING -s 172.7.21.0/24 ! -o \"a\\\"b\" -j MASQUERADE\n"),
+            "{payload}"
+        );
+        // A quote left open at the end is a line of its own, not the rest of the dump.
+        let t = parse_save("*nat\n-A POSTROUTING -j \"x\n-A POSTROUTING -j RETURN\nCOMMIT\n");
+        assert_eq!(t[0].rules.len(), 2);
     }
 }

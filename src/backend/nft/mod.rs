@@ -53,15 +53,20 @@ fn fam_kw(f: Family) -> &'static str {
     }
 }
 
-/// Retries a read-only netlink exchange that a concurrent change interrupted.
+/// Runs a read-only netlink exchange once more when even the restarts of [`Socket::dump`]
+/// (each run flagged `NLM_F_DUMP_INTR`) could not get one consistent answer: after a pause of
+/// 50 ms, then 200 ms, for another writer's burst of commits to pass. Three rounds at most,
+/// then the error of the last one (naming the dump) is returned.
 fn retry<T>(mut f: impl FnMut() -> Result<T, NlError>) -> Result<T, NlError> {
-    let mut tries = 0;
-    loop {
+    for pause_ms in [50, 200] {
         match f() {
-            Err(NlError::Interrupted) if tries < 10 => tries += 1,
+            Err(NlError::Interrupted { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(pause_ms))
+            }
             other => return other,
         }
     }
+    f()
 }
 
 /// The ruleset generation. Equals `nft list ruleset` reading its generation id.
@@ -1032,11 +1037,160 @@ pub fn apply(sock: &mut Socket, changes: &[Change], genid: Option<u32>) -> Resul
     sock.commit(transaction(changes, genid))
 }
 
-/// Removes masqd's table and puts the recorded default rules back, in one transaction.
-/// Equals `nft delete table inet masqd` plus `nft add rule ip nat POSTROUTING …` per record.
-/// A record whose rule is present already (Docker re-inserted it) is skipped. Returns how many
-/// rules were put back.
-pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
+/// A recorded nftables rule checked by [`replayable`].
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Its table's family.
+    pub family: Family,
+    /// Raw NFTA_RULE_EXPRESSIONS payload.
+    pub exprs: Vec<u8>,
+    /// Raw NFTA_RULE_USERDATA payload.
+    pub udata: Option<Vec<u8>>,
+}
+
+/// Checks that a record may be replayed: an nftables record of `ip`/`ip6 nat POSTROUTING` whose
+/// expressions still decode as the broad default rule ([`match_default_rule`]) for the record's
+/// source CIDR and interface. Returns the family and the raw bytes, or why not.
+pub fn replayable(rec: &RemovedRule) -> Result<Replay, String> {
+    let f = match rec.family.as_str() {
+        "ip" => Family::V4,
+        "ip6" => Family::V6,
+        other => return Err(format!("unknown family {other:?}")),
+    };
+    if rec.backend != "nft" || rec.table != "nat" || rec.chain != "POSTROUTING" {
+        return Err(format!(
+            "not a rule of {} nat POSTROUTING ({} {} {})",
+            rec.family, rec.backend, rec.table, rec.chain
+        ));
+    }
+    let exprs = unhex(&rec.expressions_hex).ok_or("expressions_hex is not hex")?;
+    let udata = match &rec.userdata_hex {
+        Some(h) => Some(unhex(h).ok_or("userdata_hex is not hex")?),
+        None => None,
+    };
+    if udata.as_ref().is_some_and(|u| u.len() > 256) {
+        return Err("userdata longer than the kernel's 256 bytes".into());
+    }
+    let saddr: IpNet = rec
+        .saddr
+        .parse()
+        .map_err(|_| format!("saddr {:?} is not a CIDR", rec.saddr))?;
+    match match_default_rule(f, &exprs) {
+        Some((s, oif)) if s == saddr && oif == rec.oif_neq => Ok(Replay {
+            family: f,
+            exprs,
+            udata,
+        }),
+        Some((s, oif)) => Err(format!(
+            "its expressions are a masquerade rule for {s} (! -o {oif:?}), not for {saddr} \
+             (! -o {:?})",
+            rec.oif_neq
+        )),
+        None => Err("its expressions are not a broad masquerade rule".into()),
+    }
+}
+
+/// Whether a family's `nat` table and its `POSTROUTING` chain exist. Equals
+/// `nft list table <family> nat` and `nft list chain <family> nat POSTROUTING` succeeding.
+fn nat_postrouting(sock: &mut Socket, f: Family) -> Result<(bool, bool)> {
+    let family = nfproto(f);
+    let tables = retry(|| sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {}))?;
+    let name = |m: &netlink::Msg, attr| m.attrs().get(a(attr)).and_then(|x| x.str()) == Some("nat");
+    if !tables.iter().any(|m| name(m, sys::NFTA_TABLE_NAME)) {
+        return Ok((false, false));
+    }
+    let chains = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, family, "list chains", |_| {}))?;
+    let chain = chains.iter().any(|m| {
+        name(m, sys::NFTA_CHAIN_TABLE)
+            && m.attrs().get(a(sys::NFTA_CHAIN_NAME)).and_then(|x| x.str()) == Some("POSTROUTING")
+    });
+    Ok((true, chain))
+}
+
+/// Puts recorded default rules back, in one transaction, creating `table <family> nat` and its
+/// chain `POSTROUTING` where missing (as iptables-nft creates them). A record whose rule is
+/// present already (Docker re-inserted it) is skipped. Every record is checked with
+/// [`replayable`] first. Returns how many rules were put back. Equals
+/// `nft add table ip nat; nft add chain ip nat POSTROUTING { type nat hook postrouting priority
+/// srcnat; policy accept; }; nft add rule ip nat POSTROUTING …` per record, atomically.
+pub fn restore_rules(sock: &mut Socket, records: &[&RemovedRule]) -> Result<usize> {
+    let genid = genid(sock)?;
+    let mut txn = Transaction::new(Some(genid));
+    let mut restored = 0;
+    for f in Family::ALL {
+        let recs: Vec<_> = records.iter().filter(|r| r.family == fam_kw(f)).collect();
+        if recs.is_empty() {
+            continue;
+        }
+        let present_now = observe_foreign(sock, f)?;
+        let (mut table, mut chain) = nat_postrouting(sock, f)?;
+        for rec in recs {
+            let Replay { exprs, udata, .. } = replayable(rec)
+                .map_err(|why| anyhow::anyhow!("record of {}: {why}", rec.description))?;
+            let present = present_now.iter().any(|r| {
+                r.table == rec.table
+                    && r.chain == rec.chain
+                    && r.saddr.to_string() == rec.saddr
+                    && r.oif_neq == rec.oif_neq
+            });
+            if present {
+                continue;
+            }
+            let nat = Table::new(if f == Family::V4 {
+                ProtocolFamily::Ipv4
+            } else {
+                ProtocolFamily::Ipv6
+            })
+            .with_name("nat");
+            if !table {
+                txn.add_objects(format!("add table {} nat", fam_kw(f)), |b| {
+                    b.add(&nat, MsgType::Add)
+                });
+                table = true;
+            }
+            if !chain {
+                let what = format!("add chain {} nat POSTROUTING", fam_kw(f));
+                txn.add_objects(what, |b| {
+                    let c = Chain::new(&nat)
+                        .with_name("POSTROUTING")
+                        .with_hook(Hook::new(HookClass::PostRouting, 100))
+                        .with_policy(ChainPolicy::Accept)
+                        .with_type(ChainType::Nat);
+                    b.add(&c, MsgType::Add)
+                });
+                chain = true;
+            }
+            let what = format!("add rule {}", rec.description);
+            txn.message(
+                sys::NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                nfproto(f),
+                what,
+                |w| {
+                    w.put_str(a(sys::NFTA_RULE_TABLE), &rec.table);
+                    w.put_str(a(sys::NFTA_RULE_CHAIN), &rec.chain);
+                    let l = w.nest_begin(a(sys::NFTA_RULE_EXPRESSIONS));
+                    w.raw(&exprs);
+                    w.nest_end(l);
+                    if let Some(u) = &udata {
+                        w.put(a(sys::NFTA_RULE_USERDATA), u);
+                    }
+                },
+            );
+            restored += 1;
+        }
+    }
+    sock.commit(txn)?;
+    Ok(restored)
+}
+
+/// Whether masqd's table exists. Equals `nft list table inet masqd` succeeding.
+pub fn own_table_exists(sock: &mut Socket) -> Result<bool> {
+    Ok(table_exists(sock)?)
+}
+
+/// Removes masqd's table, if it exists. Equals `nft delete table inet masqd`.
+pub fn delete_own_table(sock: &mut Socket) -> Result<(), NlError> {
     let genid = genid(sock)?;
     let mut txn = Transaction::new(Some(genid));
     if table_exists(sock)? {
@@ -1044,56 +1198,7 @@ pub fn teardown(sock: &mut Socket, records: &[RemovedRule]) -> Result<usize> {
             b.add(&inet_table(), MsgType::Del)
         });
     }
-    let mut present_now = Vec::new();
-    for f in Family::ALL {
-        present_now.extend(observe_foreign(sock, f)?);
-    }
-    let mut restored = 0;
-    for rec in records.iter().filter(|r| r.backend == "nft") {
-        let f = match rec.family.as_str() {
-            "ip" => Family::V4,
-            "ip6" => Family::V6,
-            other => anyhow::bail!("state record with unknown family {other:?}"),
-        };
-        let present = present_now.iter().any(|r| {
-            r.table_family == f
-                && r.table == rec.table
-                && r.chain == rec.chain
-                && r.saddr.to_string() == rec.saddr
-                && r.oif_neq == rec.oif_neq
-        });
-        if present {
-            continue;
-        }
-        let exprs = unhex(&rec.expressions_hex)
-            .with_context(|| format!("state record of {}: bad expressions_hex", rec.description))?;
-        let udata = match &rec.userdata_hex {
-            Some(h) => Some(unhex(h).with_context(|| {
-                format!("state record of {}: bad userdata_hex", rec.description)
-            })?),
-            None => None,
-        };
-        let what = format!("add rule {}", rec.description);
-        txn.message(
-            sys::NFT_MSG_NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            nfproto(f),
-            what,
-            |w| {
-                w.put_str(a(sys::NFTA_RULE_TABLE), &rec.table);
-                w.put_str(a(sys::NFTA_RULE_CHAIN), &rec.chain);
-                let l = w.nest_begin(a(sys::NFTA_RULE_EXPRESSIONS));
-                w.raw(&exprs);
-                w.nest_end(l);
-                if let Some(u) = &udata {
-                    w.put(a(sys::NFTA_RULE_USERDATA), u);
-                }
-            },
-        );
-        restored += 1;
-    }
-    sock.commit(txn)?;
-    Ok(restored)
+    sock.commit(txn)
 }
 
 /// Renders the ruleset masqd installs for a policy, as an `nft -f` file.
@@ -1196,6 +1301,44 @@ mod tests {
             put_expr(&mut w, "target", |w| w.put_str(NFTA_TARGET_NAME, target));
         }
         w.into_bytes()
+    }
+
+    #[test]
+    fn only_default_rules_for_their_record_are_replayable() {
+        let exprs = iptables_nft_rule(
+            Family::V4,
+            &[172, 7, 21],
+            3,
+            None,
+            Some(b"docker0\0"),
+            "MASQUERADE",
+        );
+        let rec = RemovedRule {
+            backend: "nft".into(),
+            family: "ip".into(),
+            table: "nat".into(),
+            chain: "POSTROUTING".into(),
+            description: "ip nat POSTROUTING x".into(),
+            saddr: "172.7.21.0/24".into(),
+            oif_neq: Some("docker0".into()),
+            expressions_hex: hex(&exprs),
+            userdata_hex: None,
+            legacy_rule: None,
+        };
+        let ok = replayable(&rec).unwrap();
+        assert_eq!((ok.family, ok.exprs), (Family::V4, exprs.clone()));
+        let refused = |f: &dyn Fn(&mut RemovedRule)| {
+            let mut r = rec.clone();
+            f(&mut r);
+            replayable(&r).unwrap_err()
+        };
+        assert!(refused(&|r| r.saddr = "10.0.0.0/8".into()).contains("not for 10.0.0.0/8"));
+        assert!(refused(&|r| r.oif_neq = None).contains("not for"));
+        assert!(refused(&|r| r.family = "ip6".into()).contains("not a broad masquerade"));
+        refused(&|r| r.table = "filter".into());
+        refused(&|r| r.expressions_hex = "zz".into());
+        let snat = iptables_nft_rule(Family::V4, &[172, 7, 21], 3, None, None, "SNAT");
+        assert!(refused(&|r| r.expressions_hex = hex(&snat)).contains("not a broad"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, sockopt, MsgFlags, NetlinkAddr};
 use rustables::sys;
@@ -41,8 +42,19 @@ pub const ERESTART: i32 = 85;
 /// Largest payload we put into one attribute nest (nla_len is 16 bits).
 pub const MAX_NEST: usize = 60_000;
 
+/// How long one request (`GETGEN`, a transaction's acknowledgements) may take in all, and
+/// the longest a dump may wait for its next datagram. The kernel answers in micro- to
+/// milliseconds.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one dump may take in all, every restart included. Large, because a legitimate
+/// answer can be slow: the kernel walks a chain from its start for every 32 KiB it sends, so
+/// listing a 60,000-rule ruleset takes it 5-15 s (`nft list ruleset` as much).
+pub const DUMP_DEADLINE: Duration = Duration::from_secs(120);
+/// Runs of one dump before [`Socket::dump`] gives up on a ruleset that keeps changing.
+pub const DUMP_ATTEMPTS: u32 = 16;
+
 fn align4(n: usize) -> usize {
-    (n + 3) & !3
+    n.saturating_add(3) & !3
 }
 
 /// An error talking to the kernel, with the request it concerned.
@@ -70,9 +82,17 @@ pub enum NlError {
     /// The kernel's answer could not be parsed.
     #[error("malformed netlink answer: {0}")]
     Malformed(String),
-    /// A dump was interrupted by a concurrent change; retry.
-    #[error("dump interrupted by a concurrent ruleset change")]
-    Interrupted,
+    /// Every run of a dump was interrupted by concurrent ruleset changes (`NLM_F_DUMP_INTR`).
+    #[error(
+        "`{what}`: the ruleset changed during each of {attempts} attempts to read it \
+         (another program is committing nftables changes without pause); giving up"
+    )]
+    Interrupted {
+        /// The dump, in nft syntax.
+        what: String,
+        /// How many times it was run.
+        attempts: u32,
+    },
 }
 
 impl NlError {
@@ -447,10 +467,7 @@ impl Socket {
                 );
             }
         }
-        // A bound on every wait for the kernel: it answers in microseconds, never in 30 s.
-        let tv = nix::sys::time::TimeVal::new(30, 0);
-        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &tv)
-            .map_err(|e| io_err("setting SO_RCVTIMEO", e))?;
+        // Every wait for the kernel is a poll(2) bounded by the request's deadline.
         // Large dumps arrive faster than we parse: give the kernel room.
         let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20));
         Ok(Socket {
@@ -479,118 +496,140 @@ impl Socket {
         Ok(())
     }
 
-    /// Receives one datagram and splits it into (header fields, body) tuples.
-    fn recv(&mut self, what: &str) -> Result<Vec<RawMsg>, NlError> {
-        let n = loop {
-            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
-                Ok(n) => break n,
-                Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EAGAIN) => {
-                    return Err(NlError::Io {
-                        what: format!("{what}: waiting for the kernel's answer"),
-                        source: io::Error::from(io::ErrorKind::TimedOut),
-                    })
+    /// Waits for one datagram, [`REQUEST_DEADLINE`] at most and never past `end` (the
+    /// exchange's total deadline, `total` after its start), and splits it into messages.
+    fn recv_until(
+        &mut self,
+        what: &str,
+        end: Instant,
+        total: Duration,
+    ) -> Result<Vec<RawMsg>, NlError> {
+        let quiet_end = Instant::now() + REQUEST_DEADLINE;
+        loop {
+            let now = Instant::now();
+            if now >= end || now >= quiet_end {
+                let why = if now >= end {
+                    format!(
+                        "no complete answer from the kernel within {}s",
+                        total.as_secs()
+                    )
+                } else {
+                    format!(
+                        "nothing from the kernel for {}s",
+                        REQUEST_DEADLINE.as_secs()
+                    )
+                };
+                return Err(NlError::Io {
+                    what: format!("{what}: {why}"),
+                    source: io::Error::from(io::ErrorKind::TimedOut),
+                });
+            }
+            let left = end.min(quiet_end) - now;
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+            // SAFETY: poll(2) on one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
                 }
+                return Err(NlError::Io {
+                    what: format!("{what}: waiting for the kernel's answer"),
+                    source: e,
+                });
+            }
+            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => {
+                    return split(&self.buf[..n])
+                        .map_err(|e| NlError::Malformed(format!("{what}: {e}")))
+                }
+                Err(nix::Error::EINTR | nix::Error::EAGAIN) => continue,
                 Err(e) => return Err(io_err(&format!("{what}: receiving"), e)),
             }
-        };
-        let mut out = Vec::new();
-        let mut off = 0;
-        let b = &self.buf[..n];
-        while off + NLMSG_HDRLEN <= n {
-            let len = u32::from_ne_bytes(b[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-            if len < NLMSG_HDRLEN || off + len > n {
-                return Err(NlError::Malformed(format!(
-                    "{what}: bad message length {len}"
-                )));
-            }
-            out.push(RawMsg {
-                kind: u16::from_ne_bytes([b[off + 4], b[off + 5]]),
-                flags: u16::from_ne_bytes([b[off + 6], b[off + 7]]),
-                seq: u32::from_ne_bytes(b[off + 8..off + 12].try_into().unwrap_or([0; 4])),
-                body: b[off + NLMSG_HDRLEN..off + len].to_vec(),
-            });
-            off += align4(len);
         }
-        Ok(out)
+    }
+
+    /// Throws away whatever an earlier exchange left unread (the rest of a dump abandoned on an
+    /// error, acknowledgements of a transaction that failed early). Reading also lets the
+    /// kernel finish a dump it still runs for this socket, which would otherwise refuse the
+    /// next one with EBUSY.
+    fn discard_stale(&mut self) {
+        for _ in 0..1_000_000 {
+            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(_) | Err(nix::Error::EINTR | nix::Error::ENOBUFS) => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// Dumps all objects of `kind` (`NFT_MSG_GET*`) of `family`, with filter attributes.
-    /// Equals the kernel side of `nft list …`.
+    /// Equals the kernel side of `nft list …`. A run that the kernel flags `NLM_F_DUMP_INTR`
+    /// (on any message, the final `NLMSG_DONE` included) is read to its end, thrown away and
+    /// run again, [`DUMP_ATTEMPTS`] times at most, all within [`DUMP_DEADLINE`] (and never
+    /// more than [`REQUEST_DEADLINE`] without a datagram).
     pub fn dump(
         &mut self,
         kind: u32,
         family: u8,
         what: &str,
-        filter: impl FnOnce(&mut Writer),
+        filter: impl Fn(&mut Writer),
     ) -> Result<Vec<Msg>, NlError> {
-        self.seq += 1;
+        let deadline = Instant::now() + DUMP_DEADLINE;
+        for attempt in 1..=DUMP_ATTEMPTS {
+            if let Some(msgs) = self.dump_once(kind, family, what, &filter, deadline)? {
+                return Ok(msgs);
+            }
+            tracing::debug!("`{what}` interrupted by a concurrent change (run {attempt}); again");
+            if (3..DUMP_ATTEMPTS).contains(&attempt) {
+                // A burst of commits: give it a moment (1, 2, 4 … 20 ms) to pass.
+                let pause =
+                    Duration::from_millis(1 << (attempt - 3).min(5)).min(Duration::from_millis(20));
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(pause.min(left));
+            }
+        }
+        Err(NlError::Interrupted {
+            what: what.to_string(),
+            attempts: DUMP_ATTEMPTS,
+        })
+    }
+
+    /// One run of a dump; `None` when the kernel flagged it interrupted.
+    fn dump_once(
+        &mut self,
+        kind: u32,
+        family: u8,
+        what: &str,
+        filter: &impl Fn(&mut Writer),
+        deadline: Instant,
+    ) -> Result<Option<Vec<Msg>>, NlError> {
+        self.discard_stale();
+        self.seq = self.seq.wrapping_add(1).max(1_000);
         let seq = self.seq;
         let mut w = Writer::default();
         w.begin(nft_type(kind), NLM_F_DUMP | NLM_F_ACK, seq, family, 0);
         filter(&mut w);
         w.end();
         self.send(&w.into_bytes(), what)?;
-        let mut out = Vec::new();
+        let mut reader = DumpReader::new(seq, what);
         loop {
-            for m in self.recv(what)? {
-                if m.seq != seq {
-                    continue;
-                }
-                if m.flags & NLM_F_DUMP_INTR != 0 {
-                    // Drain the rest of the dump before reporting.
-                    self.drain(seq, what)?;
-                    return Err(NlError::Interrupted);
-                }
-                match m.kind {
-                    NLMSG_DONE => {
-                        let err = m
-                            .body
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])))
-                            .unwrap_or(0);
-                        if err < 0 {
-                            return Err(NlError::Kernel {
-                                what: what.to_string(),
-                                errno: -err,
-                                ext: None,
-                            });
-                        }
-                        return Ok(out);
-                    }
-                    NLMSG_ERROR => {
-                        let (errno, ext) = parse_error(&m)?;
-                        if errno != 0 {
-                            return Err(NlError::Kernel {
-                                what: what.to_string(),
-                                errno,
-                                ext,
-                            });
-                        }
-                        if m.flags & NLM_F_MULTI == 0 {
-                            return Ok(out);
-                        }
-                    }
-                    NLMSG_NOOP => {}
-                    _ => out.push(to_msg(m)?),
+            for m in self.recv_until(what, deadline, DUMP_DEADLINE)? {
+                match reader.feed(m)? {
+                    DumpStep::More => {}
+                    DumpStep::Done(msgs) => return Ok(Some(msgs)),
+                    DumpStep::Interrupted => return Ok(None),
                 }
             }
         }
     }
 
-    fn drain(&mut self, seq: u32, what: &str) -> Result<(), NlError> {
-        loop {
-            for m in self.recv(what)? {
-                if m.seq == seq && (m.kind == NLMSG_DONE || m.kind == NLMSG_ERROR) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    /// Sends a non-dump request (`NFT_MSG_GETGEN`…) and collects the answers up to the ACK.
-    /// Equals the query `nft` makes before every command (`nft list ruleset` reads the
-    /// generation the same way).
+    /// Sends a non-dump request (`NFT_MSG_GETGEN`…) and collects the answers up to the ACK,
+    /// within [`REQUEST_DEADLINE`]. Equals the query `nft` makes before every command
+    /// (`nft list ruleset` reads the generation the same way).
     pub fn request(
         &mut self,
         kind: u32,
@@ -598,7 +637,9 @@ impl Socket {
         what: &str,
         attrs: impl FnOnce(&mut Writer),
     ) -> Result<Vec<Msg>, NlError> {
-        self.seq += 1;
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        self.discard_stale();
+        self.seq = self.seq.wrapping_add(1).max(1_000);
         let seq = self.seq;
         let mut w = Writer::default();
         w.begin(nft_type(kind), NLM_F_ACK, seq, family, 0);
@@ -607,7 +648,7 @@ impl Socket {
         self.send(&w.into_bytes(), what)?;
         let mut out = Vec::new();
         loop {
-            for m in self.recv(what)? {
+            for m in self.recv_until(what, deadline, REQUEST_DEADLINE)? {
                 if m.seq != seq {
                     continue;
                 }
@@ -629,9 +670,10 @@ impl Socket {
         }
     }
 
-    /// Sends a transaction and waits for the kernel's verdict on every message. On failure
-    /// nothing of it was applied; the error names the first refused message. Equals `nft -f`
-    /// of a file holding the same commands: one batch, all or nothing.
+    /// Sends a transaction and waits (within [`REQUEST_DEADLINE`] after the kernel took it)
+    /// for the kernel's verdict on every message. On failure nothing of it was applied; the
+    /// error names the first refused message. Equals `nft -f` of a file holding the same
+    /// commands: one batch, all or nothing.
     pub fn commit(&mut self, txn: Transaction) -> Result<(), NlError> {
         if txn.is_empty() {
             return Ok(());
@@ -640,18 +682,21 @@ impl Socket {
         let last = what.len() as u32;
         // Acknowledgements left over from an earlier transaction that ended early (an error on
         // the batch header, a timeout) carry the same sequence numbers: drop them first.
-        while socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT).is_ok() {}
+        self.discard_stale();
+        // The kernel runs the whole batch inside send(2): the deadline starts after it.
         self.send(&bytes, "sending the transaction")?;
+        let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut answered = vec![false; what.len()];
         let mut remaining = what.len();
         let mut first_err: Option<NlError> = None;
         while remaining > 0 {
-            for m in self.recv("waiting for the transaction's acknowledgements")? {
+            let waiting = "waiting for the transaction's acknowledgements";
+            for m in self.recv_until(waiting, deadline, REQUEST_DEADLINE)? {
                 if m.kind != NLMSG_ERROR {
                     continue;
                 }
                 let (errno, ext) = parse_error(&m)?;
-                if m.seq == 0 {
+                if m.seq == 0 && errno != 0 {
                     // The batch header itself was refused (generation mismatch, no memory).
                     return Err(NlError::Kernel {
                         what: "transaction".to_string(),
@@ -681,7 +726,6 @@ impl Socket {
             None => Ok(()),
         }
     }
-
     /// The socket's fd (for polling).
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
@@ -737,47 +781,50 @@ impl Socket {
     }
 
     /// Drains the pending change notifications without blocking. Equals reading what
-    /// `nft monitor` prints.
+    /// `nft monitor` prints. Lost notifications (`ENOBUFS`: the receive buffer overflowed) and
+    /// a datagram that cannot be split are reported as one [`Event::Overrun`] per call.
     pub fn drain_events(&mut self) -> Result<Vec<Event>, NlError> {
         let mut out = Vec::new();
+        let mut overrun = false;
         loop {
             let n = match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => n,
-                Err(nix::Error::EAGAIN) => return Ok(out),
+                Err(nix::Error::EAGAIN) => break,
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::ENOBUFS) => {
-                    out.push(Event::Overrun);
+                    overrun = true;
                     continue;
                 }
                 Err(e) => return Err(io_err("receiving nftables events", e)),
             };
-            let b = &self.buf[..n];
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= n {
-                let len = u32::from_ne_bytes(b[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-                if len < NLMSG_HDRLEN || off + len > n {
-                    break;
-                }
-                let kind = u16::from_ne_bytes([b[off + 4], b[off + 5]]);
-                let pid = u32::from_ne_bytes(b[off + 12..off + 16].try_into().unwrap_or([0; 4]));
-                let body = &b[off + NLMSG_HDRLEN..off + len];
-                if kind >> 8 == sys::NFNL_SUBSYS_NFTABLES as u16 && body.len() >= NFGENMSG_LEN {
-                    // Attribute 1 is the table name in every table/chain/rule/set/element message.
-                    let table = Attrs(&body[NFGENMSG_LEN..])
-                        .get(1)
-                        .and_then(|a| a.str())
-                        .map(str::to_string);
-                    out.push(Event::Change {
-                        kind: kind & 0xff,
-                        family: body[0],
-                        pid,
-                        table,
-                    });
-                }
-                off += align4(len);
+            match split(&self.buf[..n]) {
+                Ok(msgs) => out.extend(msgs.iter().filter_map(event_of)),
+                Err(_) => overrun = true,
             }
         }
+        if overrun {
+            out.push(Event::Overrun);
+        }
+        Ok(out)
     }
+}
+
+/// The change notification a message from NFNLGRP_NFTABLES carries, if it is one.
+pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
+    if m.kind >> 8 != sys::NFNL_SUBSYS_NFTABLES as u16 || m.body.len() < NFGENMSG_LEN {
+        return None;
+    }
+    // Attribute 1 is the table name in every table/chain/rule/set/element message.
+    let table = Attrs(&m.body[NFGENMSG_LEN..])
+        .get(1)
+        .and_then(|a| a.str())
+        .map(str::to_string);
+    Some(Event::Change {
+        kind: m.kind & 0xff,
+        family: m.body[0],
+        pid: m.pid,
+        table,
+    })
 }
 
 /// An nftables change notification.
@@ -798,22 +845,139 @@ pub enum Event {
     Overrun,
 }
 
+/// One netlink message as received: the header fields and the body after the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawMsg {
+    /// nlmsg_type.
+    pub kind: u16,
+    /// nlmsg_flags.
+    pub flags: u16,
+    /// nlmsg_seq.
+    pub seq: u32,
+    /// nlmsg_pid (the sender's port id in notifications).
+    pub pid: u32,
+    /// Everything after the 16-byte header.
+    pub body: Vec<u8>,
+}
+
+fn ne32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .and_then(|x| x.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .unwrap_or(0)
+}
+
+/// Splits one received datagram into its messages (what libmnl's `mnl_nlmsg_next` walks).
+/// A length field that is shorter than a header or runs past the datagram is an error naming
+/// it; trailing bytes too short for a header are ignored, as the kernel pads.
+pub fn split(datagram: &[u8]) -> Result<Vec<RawMsg>, NlError> {
+    let b = datagram;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while b.len() - off >= NLMSG_HDRLEN {
+        let len = ne32(b, off) as usize;
+        if len < NLMSG_HDRLEN || len > b.len() - off {
+            return Err(NlError::Malformed(format!(
+                "message length {len} at offset {off} of a {}-byte datagram",
+                b.len()
+            )));
+        }
+        out.push(RawMsg {
+            kind: u16::from_ne_bytes([b[off + 4], b[off + 5]]),
+            flags: u16::from_ne_bytes([b[off + 6], b[off + 7]]),
+            seq: ne32(b, off + 8),
+            pid: ne32(b, off + 12),
+            body: b[off + NLMSG_HDRLEN..off + len].to_vec(),
+        });
+        off = (off + align4(len)).min(b.len());
+    }
+    Ok(out)
+}
+
+/// Where one dump's answer stands after another message.
+#[derive(Debug)]
+pub(crate) enum DumpStep {
+    /// Not finished.
+    More,
+    /// Finished, consistent: the objects.
+    Done(Vec<Msg>),
+    /// Finished, but the kernel flagged a concurrent change (`NLM_F_DUMP_INTR`, on any of
+    /// its messages): the answer is thrown away and the dump must run again.
+    Interrupted,
+}
+
+/// The answer to one dump request, fed message by message: no socket, so that tests and the
+/// fuzz harness can drive it with bytes.
+#[derive(Debug)]
+pub(crate) struct DumpReader {
+    seq: u32,
+    what: String,
+    out: Vec<Msg>,
+    interrupted: bool,
+}
+
+impl DumpReader {
+    /// The reader of the answer to the request with sequence number `seq`, described by
+    /// `what` (in nft syntax) in errors.
+    pub fn new(seq: u32, what: &str) -> DumpReader {
+        DumpReader {
+            seq,
+            what: what.to_string(),
+            out: Vec::new(),
+            interrupted: false,
+        }
+    }
+
+    /// Takes the next message. Messages of other requests are ignored; a kernel error ends
+    /// the dump with that error, unless the dump was interrupted (then it is run again).
+    pub fn feed(&mut self, m: RawMsg) -> Result<DumpStep, NlError> {
+        if m.seq != self.seq {
+            return Ok(DumpStep::More);
+        }
+        self.interrupted |= m.flags & NLM_F_DUMP_INTR != 0;
+        let end = match m.kind {
+            NLMSG_DONE => Some(done_error(&m)?),
+            NLMSG_ERROR => match parse_error(&m)? {
+                (0, _) if m.flags & NLM_F_MULTI != 0 => None,
+                (0, _) => Some(None),
+                (errno, ext) => Some(Some((errno, ext))),
+            },
+            NLMSG_NOOP => None,
+            _ => {
+                if !self.interrupted {
+                    self.out.push(to_msg(m)?);
+                }
+                None
+            }
+        };
+        Ok(match end {
+            None => DumpStep::More,
+            Some(_) if self.interrupted => DumpStep::Interrupted,
+            Some(Some((errno, ext))) => {
+                return Err(NlError::Kernel {
+                    what: self.what.clone(),
+                    errno,
+                    ext,
+                })
+            }
+            Some(None) => DumpStep::Done(std::mem::take(&mut self.out)),
+        })
+    }
+}
+
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
     }
 }
 
-struct RawMsg {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    body: Vec<u8>,
-}
-
 fn to_msg(m: RawMsg) -> Result<Msg, NlError> {
     if m.body.len() < NFGENMSG_LEN {
-        return Err(NlError::Malformed("message shorter than nfgenmsg".into()));
+        return Err(NlError::Malformed(format!(
+            "a {}-byte message of type {:#x}, shorter than its nfgenmsg header",
+            m.body.len(),
+            m.kind
+        )));
     }
     Ok(Msg {
         kind: m.kind & 0xff,
@@ -822,28 +986,299 @@ fn to_msg(m: RawMsg) -> Result<Msg, NlError> {
     })
 }
 
-/// errno (positive) and extended-ack message of an NLMSG_ERROR.
-fn parse_error(m: &RawMsg) -> Result<(i32, Option<String>), NlError> {
+/// The positive errno of the (zero or negative) error field netlink puts first in NLMSG_ERROR
+/// and NLMSG_DONE bodies; anything else (a positive value, `i32::MIN`) is malformed.
+fn errno_of(field: i32, kind: &str) -> Result<i32, NlError> {
+    match field.checked_neg() {
+        Some(e) if e >= 0 => Ok(e),
+        _ => Err(NlError::Malformed(format!(
+            "{kind} with error field {field} (the kernel sends 0 or a negative errno)"
+        ))),
+    }
+}
+
+/// The extended-ack message among the TLVs of an error or DONE body.
+fn ext_msg(tlvs: &[u8]) -> Option<String> {
+    Attrs(tlvs)
+        .get(sys::NLMSGERR_ATTR_MSG as u16)
+        .and_then(|a| a.str())
+        .map(str::to_string)
+}
+
+/// The error that ends a dump, from its NLMSG_DONE: None for success.
+fn done_error(m: &RawMsg) -> Result<Option<(i32, Option<String>)>, NlError> {
+    let Some(field) = m.body.get(..4) else {
+        return Ok(None); // an old kernel's DONE without the error field
+    };
+    let errno = errno_of(ne32(field, 0) as i32, "NLMSG_DONE")?;
+    if errno == 0 {
+        return Ok(None);
+    }
+    let ext = (m.flags & NLM_F_ACK_TLVS != 0)
+        .then(|| ext_msg(&m.body[4..]))
+        .flatten();
+    Ok(Some((errno, ext)))
+}
+
+/// errno (positive, 0 for an acknowledgement) and extended-ack message of an NLMSG_ERROR.
+pub(crate) fn parse_error(m: &RawMsg) -> Result<(i32, Option<String>), NlError> {
     let b = &m.body;
     if b.len() < 4 {
-        return Err(NlError::Malformed("short NLMSG_ERROR".into()));
+        return Err(NlError::Malformed(format!(
+            "a {}-byte NLMSG_ERROR (at least 4 expected)",
+            b.len()
+        )));
     }
-    let err = -i32::from_ne_bytes(b[..4].try_into().unwrap_or([0; 4]));
+    let err = errno_of(ne32(b, 0) as i32, "NLMSG_ERROR")?;
     let mut ext = None;
     if m.flags & NLM_F_ACK_TLVS != 0 && b.len() >= 4 + NLMSG_HDRLEN {
         // With NETLINK_CAP_ACK the original header is echoed without its payload.
         let skip = if m.flags & NLM_F_CAPPED != 0 {
             4 + NLMSG_HDRLEN
         } else {
-            let olen = u32::from_ne_bytes(b[4..8].try_into().unwrap_or([0; 4])) as usize;
-            4 + align4(olen)
+            4usize.saturating_add(align4(ne32(b, 4) as usize))
         };
         if let Some(tlvs) = b.get(skip..) {
-            ext = Attrs(tlvs)
-                .get(sys::NLMSGERR_ATTR_MSG as u16)
-                .and_then(|a| a.str())
-                .map(str::to_string);
+            ext = ext_msg(tlvs);
         }
     }
     Ok((err, ext))
+}
+
+/// Runs bytes through every parser of kernel answers (datagram splitting, the dump reader,
+/// error replies, change notifications, attributes): the fuzz harness's entry. Never panics.
+#[doc(hidden)]
+pub fn fuzz_datagram(datagram: &[u8]) {
+    let Ok(msgs) = split(datagram) else { return };
+    let mut reader = DumpReader::new(msgs.first().map(|m| m.seq).unwrap_or(0), "fuzz");
+    for m in msgs {
+        let _ = parse_error(&m);
+        let _ = event_of(&m);
+        if let Ok(msg) = to_msg(m.clone()) {
+            walk_attrs(msg.attrs(), 0);
+        }
+        if !matches!(reader.feed(m), Ok(DumpStep::More)) {
+            break;
+        }
+    }
+}
+
+/// Reads every attribute and every nest, as deep as it goes (bounded).
+fn walk_attrs(attrs: Attrs<'_>, depth: usize) {
+    for a in attrs {
+        let _ = (a.be32(), a.be64(), a.str());
+        if depth < 16 {
+            walk_attrs(a.nested(), depth + 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEWRULE: u16 = ((sys::NFNL_SUBSYS_NFTABLES as u16) << 8) | sys::NFT_MSG_NEWRULE as u16;
+
+    /// One message's bytes: header, then `body` padded to 4.
+    fn msg(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+        v.extend_from_slice(&kind.to_ne_bytes());
+        v.extend_from_slice(&flags.to_ne_bytes());
+        v.extend_from_slice(&seq.to_ne_bytes());
+        v.extend_from_slice(&77u32.to_ne_bytes());
+        v.extend_from_slice(body);
+        v.resize(align4(v.len()), 0);
+        v
+    }
+
+    /// A NEWRULE body: nfgenmsg (inet) and a table-name attribute.
+    fn rule_body(table: &str) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.put_str(1, table);
+        let mut b = vec![1, 0, 0, 0];
+        b.extend(w.into_bytes());
+        b
+    }
+
+    fn done(flags: u16, seq: u32, err: i32) -> Vec<u8> {
+        msg(NLMSG_DONE, NLM_F_MULTI | flags, seq, &err.to_ne_bytes())
+    }
+
+    /// Feeds datagrams to a reader of sequence 5 until it finishes.
+    fn run(datagrams: &[Vec<u8>]) -> Result<DumpStep, NlError> {
+        let mut r = DumpReader::new(5, "list ruleset");
+        for d in datagrams {
+            for m in split(d)? {
+                match r.feed(m)? {
+                    DumpStep::More => {}
+                    end => return Ok(end),
+                }
+            }
+        }
+        Ok(DumpStep::More)
+    }
+
+    #[test]
+    fn clean_dump_collects_its_own_messages() {
+        let mut d = msg(NEWRULE, NLM_F_MULTI, 5, &rule_body("a"));
+        d.extend(msg(NEWRULE, NLM_F_MULTI, 4, &rule_body("stale")));
+        d.extend(msg(NEWRULE, NLM_F_MULTI, 5, &rule_body("b")));
+        match run(&[d, done(0, 5, 0)]).unwrap() {
+            DumpStep::Done(m) => {
+                let names: Vec<_> = m
+                    .iter()
+                    .map(|m| m.attrs().get(1).and_then(|a| a.str()).unwrap().to_string())
+                    .collect();
+                assert_eq!(names, ["a", "b"]);
+                assert_eq!(m[0].family, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn intr_on_the_final_done_alone_ends_the_run_as_interrupted() {
+        // The case that made the reader wait 30 s for a second DONE.
+        let d = msg(NEWRULE, NLM_F_MULTI, 5, &rule_body("a"));
+        let step = run(&[d, done(NLM_F_DUMP_INTR, 5, 0)]).unwrap();
+        assert!(matches!(step, DumpStep::Interrupted), "{step:?}");
+    }
+
+    #[test]
+    fn intr_on_a_data_message_is_read_to_the_done_then_interrupted() {
+        let first = msg(NEWRULE, NLM_F_MULTI | NLM_F_DUMP_INTR, 5, &rule_body("a"));
+        let second = msg(NEWRULE, NLM_F_MULTI, 5, &rule_body("b"));
+        let mut r = DumpReader::new(5, "x");
+        for m in split(&first)
+            .unwrap()
+            .into_iter()
+            .chain(split(&second).unwrap())
+        {
+            assert!(matches!(r.feed(m).unwrap(), DumpStep::More));
+        }
+        let m = split(&done(0, 5, 0)).unwrap().remove(0);
+        assert!(matches!(r.feed(m).unwrap(), DumpStep::Interrupted));
+        // A DONE of another request does not end it.
+        let step = run(&[first, done(NLM_F_DUMP_INTR, 6, 0)]).unwrap();
+        assert!(matches!(step, DumpStep::More), "{step:?}");
+    }
+
+    #[test]
+    fn errors_end_a_dump_unless_it_was_interrupted() {
+        let e = run(&[done(0, 5, -libc::ENOENT)]).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
+        assert!(e.to_string().contains("list ruleset"), "{e}");
+        let step = run(&[done(NLM_F_DUMP_INTR, 5, -libc::ENOENT)]).unwrap();
+        assert!(matches!(step, DumpStep::Interrupted), "{step:?}");
+        let err = msg(NLMSG_ERROR, 0, 5, &(-libc::EPERM).to_ne_bytes());
+        assert_eq!(run(&[err]).unwrap_err().errno(), Some(libc::EPERM));
+        // An acknowledgement ends a dump; inside a multipart answer it does not.
+        let ack = msg(NLMSG_ERROR, 0, 5, &0i32.to_ne_bytes());
+        assert!(matches!(run(&[ack]).unwrap(), DumpStep::Done(_)));
+        let multi_ack = msg(NLMSG_ERROR, NLM_F_MULTI, 5, &0i32.to_ne_bytes());
+        assert!(matches!(run(&[multi_ack]).unwrap(), DumpStep::More));
+    }
+
+    #[test]
+    fn error_fields_that_do_not_negate_are_malformed_not_a_panic() {
+        for bad in [i32::MIN, 1, i32::MAX] {
+            let m = split(&msg(NLMSG_ERROR, 0, 5, &bad.to_ne_bytes()))
+                .unwrap()
+                .remove(0);
+            let e = parse_error(&m).unwrap_err();
+            assert!(matches!(e, NlError::Malformed(_)), "{e}");
+            assert!(e.to_string().contains(&bad.to_string()), "{e}");
+            let e = run(&[done(0, 5, bad)]).unwrap_err();
+            assert!(matches!(e, NlError::Malformed(_)), "{e}");
+        }
+        let short = split(&msg(NLMSG_ERROR, 0, 5, &[1, 2])).unwrap().remove(0);
+        assert!(parse_error(&short).is_err());
+    }
+
+    #[test]
+    fn extended_ack_message_is_read_from_a_capped_error() {
+        let mut body = (-libc::EINVAL).to_ne_bytes().to_vec();
+        body.extend(msg(NEWRULE, 0, 5, &[])); // the echoed header, capped
+        let mut w = Writer::default();
+        w.put_str(sys::NLMSGERR_ATTR_MSG as u16, "bad expression");
+        body.extend(w.into_bytes());
+        let d = msg(NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 5, &body);
+        let m = split(&d).unwrap().remove(0);
+        let (errno, ext) = parse_error(&m).unwrap();
+        assert_eq!(
+            (errno, ext.as_deref()),
+            (libc::EINVAL, Some("bad expression"))
+        );
+        // Not capped, with an echoed length that runs past the body: no message, no panic.
+        let mut body = (-libc::EINVAL).to_ne_bytes().to_vec();
+        body.extend(msg(NEWRULE, 0, 5, &[]));
+        body[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+        let m = split(&msg(NLMSG_ERROR, NLM_F_ACK_TLVS, 5, &body))
+            .unwrap()
+            .remove(0);
+        assert_eq!(parse_error(&m).unwrap(), (libc::EINVAL, None));
+    }
+
+    #[test]
+    fn split_refuses_lengths_outside_the_datagram() {
+        let good = msg(NEWRULE, 0, 5, &rule_body("a"));
+        for bad_len in [0u32, 15, good.len() as u32 + 1, u32::MAX] {
+            let mut d = good.clone();
+            d[..4].copy_from_slice(&bad_len.to_ne_bytes());
+            let e = split(&d).unwrap_err();
+            assert!(e.to_string().contains(&bad_len.to_string()), "{e}");
+        }
+        // An unpadded last message and short trailing bytes are accepted.
+        let mut d = good.clone();
+        d.extend(msg(NEWRULE, 0, 6, &[1, 0, 0, 0, 9]));
+        d.truncate(d.len() - 3);
+        d.extend([0; 5]);
+        let m = split(&d).unwrap();
+        assert_eq!((m.len(), m[1].seq, m[1].pid), (2, 6, 77));
+        assert!(split(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn notifications_name_their_table_and_sender() {
+        let m = split(&msg(NEWRULE, 0, 0, &rule_body("nat")))
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            event_of(&m),
+            Some(Event::Change {
+                kind: sys::NFT_MSG_NEWRULE as u16,
+                family: 1,
+                pid: 77,
+                table: Some("nat".into()),
+            })
+        );
+        let other = split(&msg(NLMSG_DONE, 0, 0, &[0; 4])).unwrap().remove(0);
+        assert_eq!(event_of(&other), None);
+    }
+
+    #[test]
+    fn a_kernel_that_never_answers_ends_the_wait_at_the_deadline() {
+        // Nothing is sent: the socket only waits (no ruleset is read or changed).
+        let mut s = Socket::open().expect("netlink socket");
+        let t = Instant::now();
+        let total = Duration::from_millis(300);
+        let e = s.recv_until("list rules", t + total, total).unwrap_err();
+        assert!(t.elapsed() >= total && t.elapsed() < Duration::from_secs(3));
+        assert!(
+            e.to_string().contains("list rules: no complete answer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn attrs_stop_at_the_first_malformed_attribute() {
+        let mut w = Writer::default();
+        w.put_be32(3, 7);
+        let mut b = w.into_bytes();
+        b.extend([200, 0, 4, 0, 1, 2]); // claims 200 bytes
+        let got: Vec<_> = Attrs(&b).map(|a| (a.ty, a.be32())).collect();
+        assert_eq!(got, [(3, Some(7))]);
+        assert_eq!(Attrs(&[2, 0, 1, 0]).count(), 0); // length below the header
+    }
 }
