@@ -586,7 +586,7 @@ def bench_datapath(n, flows, trials, linear_flows, guard_trials, tmp):
     st0 = json.loads(run(in_ns(A, MASQD, "--config", cfgn, "--state-dir", state, "status", "--json")).stdout)
     trial(1000)
     st1 = json.loads(run(in_ns(A, MASQD, "--config", cfgn, "--state-dir", state, "status", "--json")).stdout)
-    masq = st1["masqueraded_packets"] - st0["masqueraded_packets"]
+    masq = st1["ipv4"]["masqueraded_connections"] - st0["ipv4"]["masqueraded_connections"]
     if masq < 990:
         raise RuntimeError(f"only {masq} of 1000 probes were masqueraded")
     for name in samples:

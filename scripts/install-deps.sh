@@ -2,11 +2,13 @@
 # Installs the Debian packages masqd's build, demo and tests need (the Rust toolchain is assumed).
 # libclang-dev: rustables generates its kernel bindings with bindgen at build time.
 # docker.io (dockerd 20.10) and containerd: tests/dockerd.rs runs a real Docker daemon inside a
-# test's network namespace. Nothing may start in the host's namespaces, so the install runs with
-# a /usr/sbin/policy-rc.d that refuses every service start (exit 101); an existing one that
-# already refuses is left alone, any other is restored afterwards.
+# test's network namespace. prometheus: tests/metrics.rs checks `/metrics` with its promtool (the
+# package also ships the server and its unit, which must not start). Nothing may start in the
+# host's namespaces, so the install runs with a /usr/sbin/policy-rc.d that refuses every service
+# start (exit 101); an existing one that already refuses is left alone, any other is restored
+# afterwards.
 set -euo pipefail
-pkgs=(libclang-dev nftables iptables iproute2 socat systemd containerd docker.io)
+pkgs=(libclang-dev nftables iptables iproute2 socat systemd containerd docker.io prometheus)
 need=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
@@ -51,8 +53,8 @@ restore_policy
 trap - EXIT
 
 # The packages' services must not have started on the host.
-case " ${need[*]} " in *" docker.io "* | *" containerd "*) ;; *) exit 0 ;; esac
-for d in dockerd containerd; do
+case " ${need[*]} " in *" docker.io "* | *" containerd "* | *" prometheus "*) ;; *) exit 0 ;; esac
+for d in dockerd containerd prometheus; do
     if pgrep -x "$d" >/dev/null; then
         echo "error: $d is running after the install (pids $(pgrep -x "$d" | tr '\n' ' '));" \
             "masqd's tests start their own inside network namespaces and never the host's" >&2

@@ -72,6 +72,12 @@ pub struct Config {
     pub flannel_subnet_env: Option<PathBuf>,
     /// `[daemon] resync_interval`, when set (default: 60 s, or 5 s with a legacy family).
     pub resync_interval: Option<Duration>,
+    /// Where each pod CIDR came from (file and line), in order.
+    pub pod_origins: Vec<Origin>,
+    /// Where each exception CIDR (cluster and non-masquerade) came from, in order.
+    pub exception_origins: Vec<Origin>,
+    /// `[metrics] listen`, when set (metrics are off by default).
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// Most `honor_marks` entries accepted (each is one rule in the hot path).
@@ -185,6 +191,14 @@ struct RawFile {
     backend: RawBackend,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -364,11 +378,32 @@ pub fn resolve(config: &Path, named: &str) -> PathBuf {
 /// Where a CIDR of the configuration came from, for messages (cheap: one per entry of lists
 /// that can be tens of thousands long).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Origin {
+pub struct Origin {
     net: IpNet,
     file: Arc<Path>,
     line: Option<usize>,
     key: &'static str,
+}
+
+impl Origin {
+    /// The CIDR as written.
+    pub fn net(&self) -> IpNet {
+        self.net
+    }
+
+    /// `path:line` (the configuration's line for TOML entries, the list file's or
+    /// subnet.env's line for theirs), or `path` when there is no line.
+    pub fn location(&self) -> String {
+        match self.line {
+            Some(l) => format!("{}:{l}", self.file.display()),
+            None => self.file.display().to_string(),
+        }
+    }
+
+    /// The key that named it (`masquerade.cluster_cidrs`, `FLANNEL_NETWORK`, …).
+    pub fn key(&self) -> &'static str {
+        self.key
+    }
 }
 
 /// Parses and validates configuration text; `path` is used in messages and to resolve the
@@ -427,6 +462,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .collect()
     };
     let (bridge_interfaces, honor_marks, mode, resync_interval) = parse_rest(&raw, &err)?;
+    let metrics = match &raw.metrics.listen {
+        None => None,
+        Some(v) => Some(crate::metrics::MetricsConfig {
+            listen: crate::metrics::Listen::parse(v.get_ref())
+                .map_err(|m| err(Some(v.span()), Some("metrics.listen"), m))?,
+            line: line_of(text, v.span().start),
+        }),
+    };
     Ok(Config {
         path: path.to_path_buf(),
         pod_cidrs: pods.iter().map(|o| o.net).collect(),
@@ -447,6 +490,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         mode,
         flannel_subnet_env: flannel_subnet_env.map(|(p, _)| p),
         resync_interval,
+        pod_origins: pods,
+        exception_origins: exceptions,
+        metrics,
     })
 }
 
@@ -1048,6 +1094,13 @@ fn shell_assignment(raw_line: &str) -> Result<Option<(String, String)>, String> 
     let Some((key, value)) = line.split_once('=') else {
         return Err(format!("malformed line {raw_line:?}: expected KEY=VALUE"));
     };
+    // A shell reads `KEY = VALUE` (or `KEY= VALUE`) as a command, not an assignment.
+    if key.ends_with([' ', '\t']) || value.starts_with([' ', '\t']) {
+        return Err(format!(
+            "malformed line {raw_line:?}: no blank may stand next to '=' (a shell would run \
+             it as a command)"
+        ));
+    }
     let key = key.trim();
     if key.is_empty()
         || key.starts_with(|c: char| c.is_ascii_digit())
@@ -1476,6 +1529,8 @@ mode = "nft"
         for bad in [
             "FLANNEL_SUBNET=\"10.244.1.1/24\n",
             "FLANNEL_SUBNET=10.244.1.1/24 rm -rf\n",
+            "FLANNEL_SUBNET = 10.244.1.1/24\n",
+            "FLANNEL_SUBNET= 10.244.1.1/24\n",
         ] {
             let e = parse_subnet_env(Path::new("s.env"), bad).unwrap_err();
             assert_eq!(e.line, Some(1), "{e}");

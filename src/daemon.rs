@@ -157,6 +157,8 @@ struct Daemon {
     /// When to give freed heap memory back to the kernel (a second after the last reconcile,
     /// so bursts of reconciles keep their pages and an idle daemon stays small).
     trim_at: Option<Instant>,
+    /// `/metrics` and `/healthz`, when `[metrics] listen` is set.
+    exporter: crate::metrics::Exporter,
 }
 
 impl Daemon {
@@ -218,9 +220,19 @@ impl Daemon {
                 self.config_error = Some(e.to_string());
             }
             Ok(cfg) => {
+                // A new metrics address that cannot be bound refuses the whole configuration.
+                if let Err(e) = self.exporter.reconfigure(&cfg) {
+                    tracing::error!(
+                        "{why}: configuration not reloaded, keeping the last good one: {e}"
+                    );
+                    self.config_error = Some(e);
+                    self.status();
+                    return;
+                }
                 self.config_error = None;
                 if cfg != self.cfg {
                     tracing::info!("{why}: configuration changed");
+                    crate::logging::log_config_diff(&self.cfg, &cfg);
                     self.policy = Policy::from_config(&cfg);
                     self.cfg = cfg;
                     self.pending = Some("configuration change");
@@ -231,7 +243,44 @@ impl Daemon {
         self.status();
     }
 
+    /// Hands a finished reconcile to the metrics (before [`Daemon::finished`] updates the
+    /// daemon's own view, whose `ready` says whether it was a repair).
+    fn metrics_after(&self, reason: &str, res: &Result<Plan>, took: Duration) {
+        let Some(m) = self.exporter.metrics() else {
+            return;
+        };
+        let (backend, legacy) = match res {
+            Ok(p) => (
+                p.backend_name(&self.policy),
+                p.backends(&self.policy)
+                    .values()
+                    .any(|b| *b == Backend::Legacy),
+            ),
+            Err(_) => (self.backend.clone(), self.legacy_in_use),
+        };
+        let resync = self.cfg.resync_interval.unwrap_or(if legacy {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(60)
+        });
+        m.reconciled(&crate::metrics::Reconciled {
+            result: res.as_ref().map_err(|e| {
+                format!("{e:#}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            }),
+            took,
+            repair: self.ready && reason != "configuration change",
+            policy: &self.policy,
+            resync,
+            backend: &backend,
+        });
+    }
+
     fn finished(&mut self, reason: &'static str, res: Result<Plan>, took: Duration) {
+        self.metrics_after(reason, &res, took);
         let now = Instant::now();
         match res {
             Ok(plan) => {
@@ -258,6 +307,7 @@ impl Daemon {
                         what.len(),
                         what.join("; ")
                     );
+                    crate::logging::log_plan_details(&plan);
                     let repair = self.ready && reason != "configuration change";
                     if repair {
                         self.repairs += 1;
@@ -299,7 +349,12 @@ impl Daemon {
                     self.ready = true;
                     self.status();
                     self.notifier.notify("READY=1");
-                    tracing::info!("ready: backend {}", self.backend);
+                    tracing::info!(
+                        backend = %self.backend,
+                        "ready: backend {} ({})",
+                        self.backend,
+                        backend_reasons(&plan, &self.policy)
+                    );
                 }
             }
             Err(e) => {
@@ -323,6 +378,19 @@ impl Daemon {
         }
         self.status();
     }
+}
+
+/// The backend decision of each family present, with its reason (for the start-up log).
+fn backend_reasons(plan: &Plan, policy: &Policy) -> String {
+    Family::ALL
+        .iter()
+        .filter(|f| policy.family(**f).is_some())
+        .map(|f| {
+            let d = plan.detection.family(*f);
+            format!("{f}: {} — {}", d.backend, d.reason)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The signals `masqd run` acts on: SIGHUP (reload), SIGTERM and SIGINT (stop).
@@ -352,7 +420,7 @@ pub fn unblock_signals() {
 }
 
 /// The blocked signals, read by the loop through a signalfd (pending ones included).
-struct Signals(AsyncFd<Fd<SignalFd>>);
+struct Signals(AsyncFd<Fd<SignalFd>>, std::cell::Cell<Option<i32>>);
 
 impl Signals {
     fn new() -> Result<Signals> {
@@ -365,7 +433,7 @@ impl Signals {
         // SAFETY: the SignalFd owns its fd for its whole life and never swaps it.
         let fd = unsafe { AsyncFd::register(Fd(fd)) }
             .map_err(|e| anyhow::anyhow!("registering the signalfd: {e}"))?;
-        Ok(Signals(fd))
+        Ok(Signals(fd, std::cell::Cell::new(None)))
     }
 
     /// The next signal (cancel-safe: a signal is only taken from the fd when returned).
@@ -374,7 +442,11 @@ impl Signals {
             let mut guard = self.0.readable().await?;
             match guard.get_inner().0.read_signal() {
                 Ok(Some(info)) => {
-                    return Signal::try_from(info.ssi_signo as i32).context("signalfd")
+                    // `masqd check --reload PID` (the unit's ExecReload) waits for its ack.
+                    if crate::check::is_reload_request(&info) {
+                        self.1.set(Some(info.ssi_pid as i32));
+                    }
+                    return Signal::try_from(info.ssi_signo as i32).context("signalfd");
                 }
                 Ok(None) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(e) => return Err(e).context("reading the signalfd"),
@@ -387,6 +459,13 @@ impl Signals {
 pub fn run(paths: Paths) -> ExitCode {
     // Before anything else: a signal during start-up waits for the loop (see block_signals).
     block_signals();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %paths.config.display(),
+        "masqd {} starting with {}",
+        env!("CARGO_PKG_VERSION"),
+        paths.config.display()
+    );
     let first = config::load(&paths.config);
     let cfg = match first {
         Ok(c) => Some(c),
@@ -397,7 +476,7 @@ pub fn run(paths: Paths) -> ExitCode {
             None
         }
         Err(e) => {
-            eprintln!("masqd: error: {e}");
+            crate::logging::report_error(&e);
             let n = Notifier::from_env();
             n.notify(&format!(
                 "STATUS={}",
@@ -409,8 +488,12 @@ pub fn run(paths: Paths) -> ExitCode {
     // Held until the process ends: `apply` and `teardown` are refused meanwhile (state.rs).
     let _state_lock = match crate::state::State::new(&paths.state_dir).lock_daemon() {
         Ok(l) => l,
+        Err(e) if e.to_string() == crate::state::STOPPED_WAITING => {
+            tracing::info!("{e}: stopping before installing anything");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            eprintln!("masqd: error: {e:#}");
+            crate::logging::report_error(&format_args!("{e:#}"));
             return ExitCode::from(1);
         }
     };
@@ -420,14 +503,14 @@ pub fn run(paths: Paths) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("masqd: error: starting the runtime: {e}");
+            crate::logging::report_error(&format_args!("starting the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
     let signals = match rt.block_on(async { Signals::new() }) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("masqd: error: {e:#}");
+            crate::logging::report_error(&format_args!("{e:#}"));
             return ExitCode::from(1);
         }
     };
@@ -437,15 +520,23 @@ pub fn run(paths: Paths) -> ExitCode {
             Ok(Some(c)) => c,
             Ok(None) => return ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("masqd: error: {e:#}");
+                crate::logging::report_error(&format_args!("{e:#}"));
                 return ExitCode::from(1);
             }
         },
     };
-    match rt.block_on(main_loop(paths, cfg, signals)) {
+    let exporter = match crate::metrics::Exporter::start(&cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            crate::logging::report_error(&format_args!("{e}"));
+            Notifier::from_env().notify(&format!("STATUS={}", systemd::one_line(&e)));
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match rt.block_on(main_loop(paths, cfg, signals, exporter)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("masqd: error: {e:#}");
+            crate::logging::report_error(&format_args!("{e:#}"));
             ExitCode::from(1)
         }
     }
@@ -483,6 +574,7 @@ async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Conf
                     n.notify("STOPPING=1");
                     return Ok(None);
                 }
+                crate::check::acknowledge_reload(signals.1.take());
             }
             _ = retry.tick() => {}
             _ = watchdog.tick(), if wd.is_some() => n.notify("WATCHDOG=1"),
@@ -560,7 +652,12 @@ fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<Watch>) -> boo
     changed && !first
 }
 
-async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
+async fn main_loop(
+    paths: Paths,
+    cfg: Config,
+    signals: Signals,
+    exporter: crate::metrics::Exporter,
+) -> Result<()> {
     let policy = Policy::from_config(&cfg);
     let mut d = Daemon {
         paths: paths.clone(),
@@ -580,6 +677,7 @@ async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
         repair_times: VecDeque::new(),
         rate_limited_warned: false,
         trim_at: None,
+        exporter,
     };
 
     let mut apply_sock = Some(Socket::open().context("opening the netlink socket")?);
@@ -633,6 +731,13 @@ async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
                 let full = overflow.starting();
                 let mut c = cache.take().filter(|_| !full);
                 let mon_fd = monitor.get_ref().as_raw_fd();
+                // The other NAT rules (a dump of every rule) only at start-up, resync, reload.
+                let overridden_to = d.exporter.metrics().filter(|_| {
+                    matches!(
+                        reason,
+                        "start-up" | "resync" | "SIGHUP" | "configuration change"
+                    )
+                });
                 running = Some(tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
                     // Mute our own notifications around large commits (the kernel would build
@@ -651,7 +756,11 @@ async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
                         &mut c,
                         Some(&mute),
                     );
-                    (sock, c, reason, r, t.elapsed())
+                    let took = t.elapsed();
+                    if let (Some(m), Ok(p)) = (&overridden_to, &r) {
+                        m.refresh_overridden(p, &policy, &mut sock);
+                    }
+                    (sock, c, reason, r, took)
                 }));
             }
         }
@@ -717,6 +826,9 @@ async fn main_loop(paths: Paths, cfg: Config, signals: Signals) -> Result<()> {
                     // A SIGHUP also asks for a resync; READY=1 follows when it is done.
                     d.reload_ready_pending = true;
                 }
+                // After RELOADING=1: the ExecReload helper may exit now, and systemd (which
+                // reads notifications before SIGCHLD) waits for READY=1.
+                crate::check::acknowledge_reload(signals.1.take());
                 d.reload("SIGHUP");
                 watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
                 d.pending.get_or_insert("SIGHUP");

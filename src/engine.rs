@@ -110,9 +110,13 @@ impl Detection {
 /// Runs detection for both families. A family without pod CIDRs whose legacy side cannot be
 /// inspected is reported, not fatal; one with pod CIDRs is an error that says how to fix it.
 pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
+    detect_in(cfg.mode, policy, sock)
+}
+
+fn detect_in(mode: config::BackendMode, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
     let v4 = detect::gather(Family::V4, sock).context("detecting the ipv4 backend")?;
     let v6 = detect::gather(Family::V6, sock).context("detecting the ipv6 backend")?;
-    let decisions = detect::decide_both(cfg.mode, [&v4, &v6]);
+    let decisions = detect::decide_both(mode, [&v4, &v6]);
     let mut out = Vec::new();
     for ((f, facts), d) in Family::ALL.into_iter().zip([v4, v6]).zip(decisions) {
         let d = match d {
@@ -137,6 +141,23 @@ pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detect
         .pop()
         .ok_or_else(|| anyhow!("internal: no IPv4 detection"))?;
     Ok(Detection { ipv4, ipv6 })
+}
+
+/// Runs detection for both families with no configuration (`masqd detect` without a config
+/// file): `backend.mode = "auto"` and no policy, so a family whose legacy side cannot be
+/// inspected is reported, not fatal.
+pub fn detect_without_policy(sock: &mut Socket) -> Result<Detection> {
+    let none = Policy {
+        v4: None,
+        v6: None,
+        bridges: Vec::new(),
+        random_fully: false,
+        replace_default_rule: true,
+        default_rule_cidrs: Vec::new(),
+        honor_marks: Vec::new(),
+        guard_only: Vec::new(),
+    };
+    detect_in(config::BackendMode::Auto, &none, sock)
 }
 
 /// Everything that would change.
@@ -494,85 +515,195 @@ fn apply_legacy(p: &Plan) -> Result<()> {
 pub struct Status {
     /// Backend in use: `nft`, `legacy`, or per family (`ipv4:legacy ipv6:nft`).
     pub backend: String,
-    /// Backend of each family.
-    pub backends: BTreeMap<String, Backend>,
     /// Whether the kernel matches the policy.
     pub in_sync: bool,
     /// Number of pending changes.
     pub pending_changes: usize,
     /// Whether `table inet masqd` exists.
     pub table_present: bool,
-    /// Intervals per nftables set, or rules of the legacy chain (`legacy-ipv4`).
-    pub sets: BTreeMap<String, usize>,
-    /// Packets counted by the masquerade rules.
-    pub masqueraded_packets: u64,
-    /// Packets counted by the exception rules.
-    pub excepted_packets: u64,
+    /// The IPv4 part, when the policy has IPv4 pod CIDRs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<FamilyStatus>,
+    /// The IPv6 part, when the policy has IPv6 pod CIDRs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<FamilyStatus>,
     /// Broad default rules for the pod CIDRs still present (both backends).
     pub default_rules_present: usize,
+    /// The default rules masqd removed and recorded in the state directory, which
+    /// `masqd teardown` puts back.
+    pub removed_rules: Vec<RecordedRule>,
     /// Other components' source NAT rules that can apply to pod traffic, with what masqd's
     /// guard does about each.
     pub overridden: Vec<Overridden>,
 }
 
-/// Reads the status.
-pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
+/// The status of one address family. masqd's rules live in nat chains, which see only the
+/// first packet of each connection: their counters count connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct FamilyStatus {
+    /// Where the family's policy lives.
+    pub backend: Backend,
+    /// Intervals per nftables set (`pod4`, `nomasq4`), and rules of the legacy chain
+    /// (`legacy-chain`).
+    pub sets: BTreeMap<String, usize>,
+    /// New connections masqueraded by masqd's masquerade rule (nftables or legacy).
+    pub masqueraded_connections: u64,
+    /// New connections to an exception kept with the pod's address: claimed by the guard, or
+    /// returned by a legacy RETURN rule.
+    pub kept_connections: u64,
+}
+
+/// A default rule masqd removed, as recorded in the state directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedRule {
+    /// `nft` or `legacy`.
+    pub backend: String,
+    /// `ip` or `ip6`.
+    pub family: String,
+    /// Table.
+    pub table: String,
+    /// Chain.
+    pub chain: String,
+    /// The rule, as masqd recorded it.
+    pub rule: String,
+}
+
+impl RecordedRule {
+    fn of(r: &crate::state::RemovedRule) -> RecordedRule {
+        RecordedRule {
+            backend: r.backend.clone(),
+            family: r.family.clone(),
+            table: r.table.clone(),
+            chain: r.chain.clone(),
+            rule: r.description.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for RecordedRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.backend == "legacy" {
+            let bin = if self.family == "ip6" {
+                "ip6tables-legacy"
+            } else {
+                "iptables-legacy"
+            };
+            write!(f, "{bin} -t {} {}", self.table, self.rule)
+        } else {
+            write!(f, "{}", self.rule)
+        }
+    }
+}
+
+/// Reads the status: the plan (detection, both backends observed), the rule counters of each
+/// family, the records of the state directory and the overridden rules. Equals `nft list table
+/// inet masqd`, `iptables-legacy-save -c -t nat` per legacy family, `nft -a list ruleset`
+/// (filtered) and reading `removed-default-rules.json`.
+pub fn status(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Status> {
     let mut sock = Socket::open().context("opening netlink")?;
     let p = make_plan(cfg, policy, &mut sock)?;
-    let backends = p.backends(policy);
-    let backend = p.backend_name(policy);
+    let records = State::new(&paths.state_dir).load()?;
+    let fam = |f: Family| {
+        policy.family(f).map(|_| FamilyStatus {
+            backend: p.detection.family(f).backend,
+            sets: BTreeMap::new(),
+            masqueraded_connections: 0,
+            kept_connections: 0,
+        })
+    };
     let mut st = Status {
-        backend,
-        backends,
+        backend: p.backend_name(policy),
         in_sync: p.is_empty(),
         pending_changes: p.len(),
         table_present: p.observed.table.is_some(),
-        sets: BTreeMap::new(),
-        masqueraded_packets: 0,
-        excepted_packets: 0,
+        ipv4: fam(Family::V4),
+        ipv6: fam(Family::V6),
         default_rules_present: plan::default_rules_to_remove(policy, &p.observed.foreign).len()
             + p.legacy
                 .iter()
                 .map(|(_, l)| l.removed_defaults.len())
                 .sum::<usize>(),
+        removed_rules: records.iter().map(RecordedRule::of).collect(),
         overridden: p.overridden(policy, &mut sock)?,
     };
-    if let Some(t) = &p.observed.table {
-        for (name, s) in &t.sets {
-            st.sets
-                .insert(name.clone(), s.ranges.as_ref().map_or(0, Vec::len));
+    count_nft(&p, &mut st);
+    count_legacy(&p, &mut st);
+    Ok(st)
+}
+
+impl Status {
+    /// The status of a family the policy has.
+    pub fn family_mut(&mut self, f: Family) -> Option<&mut FamilyStatus> {
+        match f {
+            Family::V4 => self.ipv4.as_mut(),
+            Family::V6 => self.ipv6.as_mut(),
         }
-        if let Some(ch) = &t.chain {
-            for r in &ch.rules {
-                let c = r.comment.as_deref().unwrap_or_default();
-                let n = r.packets.unwrap_or(0);
-                if c.starts_with("masqd:masquerade:") {
-                    st.masqueraded_packets += n;
-                } else if c.starts_with("masqd:guard:") {
-                    st.excepted_packets += n;
-                }
+    }
+}
+
+/// The sets and rule counters of masqd's nftables table, per family (by the sets' and the
+/// rules' `masqd:…` tags).
+fn count_nft(p: &Plan, st: &mut Status) {
+    let Some(t) = &p.observed.table else { return };
+    for f in Family::ALL {
+        let Some(fs) = st.family_mut(f) else { continue };
+        for name in [plan::pod_set(f), plan::nomasq_set(f)] {
+            if let Some(s) = t.sets.get(&name) {
+                fs.sets.insert(name, s.ranges.as_ref().map_or(0, Vec::len));
+            }
+        }
+        let Some(ch) = &t.chain else { continue };
+        for r in &ch.rules {
+            let c = r.comment.as_deref().unwrap_or_default();
+            let n = r.packets.unwrap_or(0);
+            if c.starts_with(&format!("masqd:masquerade:{}", f.digit())) {
+                fs.masqueraded_connections += n;
+            } else if c == format!("masqd:guard:{}", f.digit()) {
+                fs.kept_connections += n;
             }
         }
     }
+}
+
+/// The rules and counters of masqd's legacy chain, per family. (Where the guard runs, it claims
+/// the excepted connections first and the RETURN rules count none.)
+fn count_legacy(p: &Plan, st: &mut Status) {
     for (f, lo) in &p.legacy_observed {
+        let Some(fs) = st.family_mut(*f) else {
+            continue;
+        };
         if !lo.chain_exists {
             continue;
         }
-        st.sets.insert(format!("legacy-{f}"), lo.chain_rules.len());
+        fs.sets.insert("legacy-chain".into(), lo.chain_rules.len());
         for (rule, n) in lo.chain_rules.iter().zip(&lo.chain_packets) {
             if rule.ends_with("-j MASQUERADE") || rule.contains("-j MASQUERADE ") {
-                st.masqueraded_packets += n;
+                fs.masqueraded_connections += n;
             } else if rule.contains(" -d ") && rule.ends_with("-j RETURN") {
-                st.excepted_packets += n;
+                fs.kept_connections += n;
             }
         }
     }
-    Ok(st)
+}
+
+/// What `masqd teardown` did, rule by rule.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TeardownReport {
+    /// The recorded default rules put back.
+    pub restored: Vec<RecordedRule>,
+    /// Recorded default rules present already (their owner re-inserted them): not added twice,
+    /// their records dropped.
+    pub already_present: Vec<RecordedRule>,
+    /// masqd's own objects removed (`table inet masqd`, a legacy chain and its jump).
+    pub removed: Vec<String>,
+    /// The state directory held no record, so nothing was put back (a record lost with the
+    /// directory cannot be restored).
+    pub no_record: bool,
 }
 
 /// Puts the recorded default rules back, then removes masqd's objects from both backends
 /// (design.md §5), so that at no moment neither masqd's policy nor the restored rule is in
-/// place. Returns how many rules were put back.
+/// place. Returns what it put back and removed.
 ///
 /// 1. Every record is checked before it is replayed (it must still decode as a broad masquerade
 ///    rule for its source CIDR); nftables records go back in one transaction that recreates a
@@ -584,7 +715,7 @@ pub fn status(cfg: &Config, policy: &Policy) -> Result<Status> {
 ///    when nothing of masqd's is left.
 ///
 /// Holds the state lock throughout: refused while `masqd run` holds the state directory.
-pub fn teardown(paths: &Paths) -> Result<usize> {
+pub fn teardown(paths: &Paths) -> Result<TeardownReport> {
     let state = State::new(&paths.state_dir);
     let _lock = state.lock_command("teardown")?;
     let records = state.load()?;
@@ -594,10 +725,21 @@ pub fn teardown(paths: &Paths) -> Result<usize> {
         Err(e) if matches!(e.errno(), Some(libc::EOPNOTSUPP | libc::EPROTONOSUPPORT)) => false,
         Err(e) => return Err(e).context("reading the nftables ruleset generation"),
     };
+    let mut report = TeardownReport {
+        no_record: records.is_empty(),
+        ..Default::default()
+    };
     let mut kept = Vec::new();
     let mut problems = Vec::new();
-    let mut restored = restore_nft_records(&mut sock, nft_ok, &records, &mut kept, &mut problems);
-    restored += restore_legacy_records(&records, &mut kept, &mut problems);
+    restore_nft_records(
+        &mut sock,
+        nft_ok,
+        &records,
+        &mut kept,
+        &mut problems,
+        &mut report,
+    );
+    restore_legacy_records(&records, &mut kept, &mut problems, &mut report);
     for r in records
         .iter()
         .filter(|r| r.backend != "nft" && r.backend != "legacy")
@@ -618,20 +760,21 @@ pub fn teardown(paths: &Paths) -> Result<usize> {
             problems.join("\n  ")
         ));
     }
-    remove_own_objects(&mut sock, nft_ok)?;
-    Ok(restored)
+    report.removed = remove_own_objects(&mut sock, nft_ok)?;
+    Ok(report)
 }
 
 /// Teardown step 1 for the nftables records: checked, then put back in one transaction
 /// (re-planned when the ruleset changed meanwhile). Failures go to `problems`, with the
-/// records to `kept`.
+/// records to `kept`; what went back (or was there already) to `report`.
 fn restore_nft_records(
     sock: &mut Socket,
     nft_ok: bool,
     records: &[crate::state::RemovedRule],
     kept: &mut Vec<crate::state::RemovedRule>,
     problems: &mut Vec<String>,
-) -> usize {
+    report: &mut TeardownReport,
+) {
     let mut good = Vec::new();
     for r in records.iter().filter(|r| r.backend == "nft") {
         let why = match nft::replayable(r) {
@@ -646,13 +789,23 @@ fn restore_nft_records(
         kept.push(r.clone());
     }
     if good.is_empty() {
-        return 0;
+        return;
     }
     let mut attempt = 0;
     loop {
         attempt += 1;
         match nft::restore_rules(sock, &good) {
-            Ok(n) => return n,
+            Ok(done) => {
+                for r in good {
+                    let list = if done.contains(&r.description) {
+                        &mut report.restored
+                    } else {
+                        &mut report.already_present
+                    };
+                    list.push(RecordedRule::of(r));
+                }
+                return;
+            }
             Err(e)
                 if attempt < 5
                     && e.downcast_ref::<nft::netlink::NlError>()
@@ -663,7 +816,7 @@ fn restore_nft_records(
                     problems.push(format!("{}: {e:#}", r.description));
                     kept.push(r.clone());
                 }
-                return 0;
+                return;
             }
         }
     }
@@ -671,13 +824,13 @@ fn restore_nft_records(
 
 /// Teardown step 1 for the legacy records: checked, then appended to POSTROUTING with one
 /// `iptables-legacy-restore --noflush` per family. Failures go to `problems`, with the records
-/// to `kept`.
+/// to `kept`; what went back (or was there already) to `report`.
 fn restore_legacy_records(
     records: &[crate::state::RemovedRule],
     kept: &mut Vec<crate::state::RemovedRule>,
     problems: &mut Vec<String>,
-) -> usize {
-    let mut restored = 0;
+    report: &mut TeardownReport,
+) {
     for f in Family::ALL {
         let fam = if f == Family::V4 { "ip" } else { "ip6" };
         let mut good = Vec::new();
@@ -700,14 +853,32 @@ fn restore_legacy_records(
             .ok_or_else(|| anyhow!("no iptables-legacy binaries to restore it with"))
             .and_then(|bins| {
                 let lo = legacy::observe(f, &bins)?;
-                let (payload, n) = legacy::restore_payload(&lo, &good);
+                let present: Vec<bool> = good
+                    .iter()
+                    .map(|r| {
+                        let spec = r.legacy_rule.clone().unwrap_or_default();
+                        lo.postrouting.iter().any(|o| {
+                            legacy::same_rules(std::slice::from_ref(o), std::slice::from_ref(&spec))
+                        })
+                    })
+                    .collect();
+                let (payload, _) = legacy::restore_payload(&lo, &good);
                 if let Some(p) = payload {
                     legacy::apply(&bins, &p)?;
                 }
-                Ok(n)
+                Ok(present)
             });
         match res {
-            Ok(n) => restored += n,
+            Ok(present) => {
+                for (r, there) in good.into_iter().zip(present) {
+                    let list = if there {
+                        &mut report.already_present
+                    } else {
+                        &mut report.restored
+                    };
+                    list.push(RecordedRule::of(r));
+                }
+            }
             Err(e) => {
                 for r in good {
                     problems.push(format!("{}: {e:#}", r.description));
@@ -716,13 +887,13 @@ fn restore_legacy_records(
             }
         }
     }
-    restored
 }
 
 /// Teardown step 3: masqd's legacy chains and jumps, then its nftables table; then checks that
-/// nothing of masqd's is left. Equals `iptables-legacy-restore --noflush` of
-/// [`legacy::teardown_payload`] per family, then `nft delete table inet masqd`.
-fn remove_own_objects(sock: &mut Socket, nft_ok: bool) -> Result<()> {
+/// nothing of masqd's is left. Returns what it removed. Equals `iptables-legacy-restore
+/// --noflush` of [`legacy::teardown_payload`] per family, then `nft delete table inet masqd`.
+fn remove_own_objects(sock: &mut Socket, nft_ok: bool) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
     let mut legacy_bins = Vec::new();
     for f in Family::ALL {
         if !legacy::tables_loaded(f)
@@ -748,10 +919,12 @@ fn remove_own_objects(sock: &mut Socket, nft_ok: bool) -> Result<()> {
                      table stays until teardown runs again):\n{payload}"
                 )
             })?;
+            removed.push(legacy_removed(f, &lo));
         }
         legacy_bins.push((f, bins));
     }
     if nft_ok {
+        let existed = nft::own_table_exists(sock)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -764,11 +937,32 @@ fn remove_own_objects(sock: &mut Socket, nft_ok: bool) -> Result<()> {
         if nft::own_table_exists(sock)? {
             return Err(anyhow!("table inet {} is still there", plan::TABLE));
         }
+        if existed {
+            removed.push(format!("table inet {}", plan::TABLE));
+        }
     }
     for (f, bins) in legacy_bins {
         if legacy::observe(f, &bins)?.has_masqd() {
             return Err(anyhow!("masqd's legacy {f} chain or jump is still there"));
         }
     }
-    Ok(())
+    Ok(removed)
+}
+
+/// How teardown names the legacy objects it removed.
+fn legacy_removed(f: Family, lo: &LegacyObserved) -> String {
+    let jumps = lo.postrouting.iter().filter(|r| *r == legacy::JUMP).count();
+    let (_, _, bin) = legacy::binary_names(f);
+    let mut parts = Vec::new();
+    if lo.chain_exists {
+        parts.push(format!(
+            "chain nat {} ({} rules)",
+            legacy::CHAIN,
+            lo.chain_rules.len()
+        ));
+    }
+    if jumps > 0 {
+        parts.push(format!("{jumps} jump(s) from POSTROUTING"));
+    }
+    format!("{bin}: {}", parts.join(" and "))
 }

@@ -23,6 +23,11 @@ use nix::unistd::Pid;
 /// Default bound on every binary call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The only variables of masqd's environment a child sees (besides PATH and LC_ALL): the
+/// xtables lock file every iptables user must share (the unit sets it), and where the
+/// iptables extensions live when the distribution moved them.
+pub const PASSED_ENV: [&str; 2] = ["XTABLES_LOCKFILE", "XTABLES_LIBDIR"];
+
 /// The search path when `PATH` is unset, and the only `PATH` a child is given.
 pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -107,7 +112,8 @@ fn warn_once(p: &Path, why: &str) {
 }
 
 /// A directory root alone can change: absolute, a directory (after symlinks), owned by root,
-/// not writable by group or others.
+/// not writable by group or others — and so is every directory above it (else its owner
+/// could rename it away and put another in its place).
 pub fn trusted_dir(d: &Path) -> Result<(), String> {
     if !d.is_absolute() {
         return Err(format!(
@@ -120,7 +126,19 @@ pub fn trusted_dir(d: &Path) -> Result<(), String> {
     if !m.is_dir() {
         return Err(format!("{} is not a directory", d.display()));
     }
-    owned_by_root(d, &m)
+    owned_by_root(d, &m)?;
+    let real = std::fs::canonicalize(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    for parent in real.ancestors().skip(1) {
+        let pm = std::fs::metadata(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        // A sticky root-owned directory (/tmp) lets nobody else rename root's entries.
+        let sticky = pm.uid() == 0 && pm.mode() & 0o1000 != 0;
+        if !sticky {
+            owned_by_root(parent, &pm).map_err(|e| {
+                format!("{} lies below a directory others control: {e}", d.display())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn owned_by_root(p: &Path, m: &std::fs::Metadata) -> Result<(), String> {
@@ -207,6 +225,11 @@ pub fn run(
         .env_clear()
         .env("PATH", SAFE_PATH)
         .env("LC_ALL", "C")
+        .envs(
+            PASSED_ENV
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
         .process_group(0)
         .stdin(if stdin.is_some() {
             Stdio::piped()

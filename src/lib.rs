@@ -4,12 +4,16 @@
 //! → [`backend`] applies the changes as one transaction. [`engine`] strings them together for
 //! the one-shot commands.
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod detect;
 pub mod engine;
 pub mod exec;
+pub mod explain;
 pub mod foreign;
+pub mod logging;
+pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod state;

@@ -374,6 +374,9 @@ fn wait_lock(
         match Flock::lock(f, arg) {
             Ok(l) => return Ok(l),
             Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                if stop_pending() {
+                    bail!("{STOPPED_WAITING}");
+                }
                 if Instant::now() >= deadline {
                     bail!("{}", timeout_msg(&back));
                 }
@@ -382,6 +385,21 @@ fn wait_lock(
             }
             Err((_, e)) => bail!("flock {}: {e}", path.display()),
         }
+    }
+}
+
+/// The error of a lock wait ended by SIGTERM or SIGINT (the daemon blocks them and reads them
+/// later: while it waits for the lock, the wait itself must notice them).
+pub const STOPPED_WAITING: &str = "stopped by a signal while waiting for the state lock";
+
+/// Whether SIGTERM or SIGINT is pending (blocked and not yet read).
+fn stop_pending() -> bool {
+    // SAFETY: sigpending fills the set we own; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut set) == 0
+            && (libc::sigismember(&set, libc::SIGTERM) == 1
+                || libc::sigismember(&set, libc::SIGINT) == 1)
     }
 }
 

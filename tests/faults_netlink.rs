@@ -85,7 +85,7 @@ impl Drop for Churn {
 
 /// Runs masqd with debug logging; returns (exit code, stdout, stderr, time taken).
 fn timed(ns: &Netns, cfg: &Path, state: &Path, args: &[&str]) -> (i32, String, String, Duration) {
-    let mut v = vec!["--log-level", "masqd=debug"];
+    let mut v = vec!["--log-level", "debug"];
     v.extend_from_slice(args);
     let t = Instant::now();
     let o = ns.masqd(cfg, state, &v);

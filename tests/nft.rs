@@ -182,8 +182,10 @@ fn second_apply_changes_nothing() {
         serde_json::from_str(&ns.masqd_ok(&cfg, &state, &["status", "--json"], 0)).unwrap();
     assert_eq!(st["backend"], "nft");
     assert_eq!(st["in_sync"], true);
-    assert_eq!(st["masqueraded_packets"], 0);
-    assert_eq!(st["excepted_packets"], 0);
+    for f in ["ipv4", "ipv6"] {
+        assert_eq!(st[f]["masqueraded_connections"], 0, "{st}");
+        assert_eq!(st[f]["kept_connections"], 0, "{st}");
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ fn unit_has_the_daemon_contract() {
     for line in [
         "Type=notify",
         "ExecStart=/usr/bin/masqd run",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/masqd check --reload $MAINPID",
         "Restart=on-failure",
         "RestartPreventExitStatus=78",
         "StateDirectory=masqd",
@@ -29,6 +29,11 @@ fn unit_has_the_daemon_contract() {
     assert!(text
         .lines()
         .any(|l| l.starts_with("RestrictAddressFamilies=AF_NETLINK AF_UNIX")));
+    // A reload validates before it signals: no bare `kill -HUP` that reports success for a
+    // broken configuration.
+    for l in text.lines().filter(|l| l.starts_with("ExecReload=")) {
+        assert!(!l.contains("kill"), "unvalidated reload: {l}");
+    }
     // Ordering only: no hard dependency on flannel, docker or kubelet.
     for l in text.lines() {
         if l.starts_with("Requires=") || l.starts_with("BindsTo=") {

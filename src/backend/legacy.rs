@@ -153,9 +153,15 @@ fn scan(spec: &str) -> Scan {
         while let Some(c) = chars.next_if(|c| !blank(*c)) {
             text.push(c);
         }
+        // Options whose value iptables-save prints raw (no quoting, even with quotes in it).
         raw_next = matches!(
             text.as_str(),
-            "-i" | "-o" | "--in-interface" | "--out-interface"
+            "-i" | "-o"
+                | "--in-interface"
+                | "--out-interface"
+                | "--physdev-in"
+                | "--physdev-out"
+                | "--match-set"
         );
         words.push(SavedWord {
             text,
@@ -720,6 +726,50 @@ pub fn teardown_payload(o: &LegacyObserved) -> Option<String> {
     Some(lines.join("\n") + "\n")
 }
 
+/// The `iptables-legacy-restore --noflush` payload that installs the legacy policy of one
+/// family (`masqd export --format iptables`): chain nat MASQD-POSTROUTING declared (with
+/// `--noflush` that creates or flushes it) and refilled, and the jump at the head of
+/// POSTROUTING. The jump is written against `o`, the nat table as it is now: inserted only when
+/// it is not already there once at the head (extra or misplaced jumps deleted first), so that
+/// `masqd export --format iptables | iptables-legacy-restore --noflush` run again leaves one
+/// jump. Broad default rules are left alone (removing one is `masqd apply`'s, which records it
+/// for teardown). `notes` become comment lines of the header. Equals
+/// `iptables-legacy-restore --noflush --wait` of the text.
+pub fn export(
+    f: Family,
+    fp: &FamilyPolicy,
+    bridges: &[String],
+    random_fully: bool,
+    o: &LegacyObserved,
+    notes: &[String],
+) -> String {
+    let (_, restore, _) = binary_names(f);
+    let mut lines = vec![
+        format!(
+            "# masqd export: the {f} policy in legacy xtables; load with \
+             `{restore} --noflush --wait FILE`"
+        ),
+        "# (export again before loading again: the jump is written against the table as it is)"
+            .to_string(),
+    ];
+    lines.extend(notes.iter().map(|n| format!("# {n}")));
+    lines.push("*nat".into());
+    lines.push(format!(":{CHAIN} - [0:0]"));
+    let jumps = o.postrouting.iter().filter(|r| *r == JUMP).count();
+    let jump_ok = jumps == 1 && o.postrouting.first().map(String::as_str) == Some(JUMP);
+    if !jump_ok {
+        for _ in 0..jumps {
+            lines.push(format!("-D POSTROUTING {JUMP}"));
+        }
+        lines.push(format!("-I POSTROUTING 1 {JUMP}"));
+    }
+    for r in desired_chain(fp, bridges, random_fully) {
+        lines.push(format!("-A {CHAIN} {r}"));
+    }
+    lines.push("COMMIT".into());
+    lines.join("\n") + "\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -807,6 +857,21 @@ mod tests {
             plan(None, &LegacyObserved::default(), &pods, true).payload,
             None
         );
+    }
+
+    #[test]
+    fn a_raw_quote_never_swallows_the_next_rule() {
+        // iptables-save prints physdev names raw: a name starting with a quote must not
+        // open a string that glues masqd's jump (or any following rule) onto it.
+        let o = LegacyObserved::from_save(&format!(
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n:MASQD-POSTROUTING - [0:0]\n\
+             -A POSTROUTING -m physdev --physdev-out \"x -j RETURN\n\
+             -A POSTROUTING {JUMP}\n\
+             -A POSTROUTING -m physdev --physdev-out y\" -j RETURN\nCOMMIT\n"
+        ));
+        assert_eq!(o.postrouting.len(), 3, "{:?}", o.postrouting);
+        assert_eq!(o.postrouting[1], JUMP);
+        assert!(o.has_masqd());
     }
 
     #[test]
@@ -995,5 +1060,40 @@ mod tests {
         // A quote left open at the end is a line of its own, not the rest of the dump.
         let t = parse_save("*nat\n-A POSTROUTING -j \"x\n-A POSTROUTING -j RETURN\nCOMMIT\n");
         assert_eq!(t[0].rules.len(), 2);
+    }
+
+    #[test]
+    fn export_writes_the_chain_and_one_jump_against_the_table() {
+        let bridges = ["docker0".to_string()];
+        let want = desired_chain(&fp(), &bridges, false);
+        let export = |o: &LegacyObserved| export(Family::V4, &fp(), &bridges, false, o, &[]);
+        // No jump yet: inserted; the chain is declared and filled with the desired rules.
+        let text = export(&LegacyObserved::default());
+        let t = parse_save(&text);
+        let chain: Vec<String> = t[0]
+            .rules
+            .iter()
+            .filter(|(c, _)| c == CHAIN)
+            .map(|(_, r)| r.clone())
+            .collect();
+        assert!(same_rules(&chain, &want), "{text}");
+        assert!(text.contains(&format!("\n:{CHAIN} - [0:0]\n")), "{text}");
+        assert_eq!(text.matches(&format!("-I POSTROUTING 1 {JUMP}")).count(), 1);
+        assert!(!text.contains("-D POSTROUTING"), "{text}");
+        // The jump at the head once: left alone, so loading again leaves one.
+        let o = LegacyObserved::from_save(SAVE);
+        let text = export(&o);
+        assert!(!text.contains("POSTROUTING 1"), "{text}");
+        assert!(!text.contains("-D POSTROUTING"), "{text}");
+        // Two jumps, or one not at the head: both deleted, one inserted at the head.
+        let two = SAVE.replace(
+            "-A POSTROUTING -s 172.7.21.0/24",
+            &format!("-A POSTROUTING {JUMP}\n-A POSTROUTING -s 172.7.21.0/24"),
+        );
+        let text = export(&LegacyObserved::from_save(&two));
+        assert_eq!(text.matches(&format!("-D POSTROUTING {JUMP}")).count(), 2);
+        assert_eq!(text.matches(&format!("-I POSTROUTING 1 {JUMP}")).count(), 1);
+        // The broad default rule is apply's to remove (and record): not touched.
+        assert!(!text.contains("MASQUERADE\n-D") && !text.contains("-D POSTROUTING -s"));
     }
 }

@@ -282,6 +282,15 @@ fn show_value(
     mask: Option<&[u8]>,
     family: Option<Family>,
 ) -> (String, Option<IpNet>) {
+    if what == "meta mark" {
+        // The mark is a host-order u32 in the register, and so are the constants.
+        let word = |b: &[u8]| b.try_into().ok().map(u32::from_ne_bytes);
+        return match (word(val), mask.map(word)) {
+            (Some(v), None) => (format!("{v:#010x}"), None),
+            (Some(v), Some(Some(m))) => (format!("& {m:#010x} == {v:#010x}"), None),
+            _ => (hex(val), None),
+        };
+    }
     if what == "oifname" || what == "iifname" {
         let end = val.iter().position(|&b| b == 0);
         let s = String::from_utf8_lossy(&val[..end.unwrap_or(val.len())]).into_owned();
@@ -439,6 +448,24 @@ mod tests {
         expr_masq(&mut w, false);
         let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
         assert_eq!(d.source, SourceMatch::Net("10.0.16.0/20".parse().unwrap()));
+    }
+
+    #[test]
+    fn marks_show_in_host_order_with_their_mask() {
+        // meta mark & 0x4000 == 0x4000 masquerade (kube-proxy's marked packets)
+        let mut w = Writer::default();
+        expr_meta(&mut w, sys::NFT_META_MARK);
+        put_expr(&mut w, "bitwise", |w| {
+            put_data_value(w, a(sys::NFTA_BITWISE_MASK), &0x4000u32.to_ne_bytes());
+            put_data_value(w, a(sys::NFTA_BITWISE_XOR), &0u32.to_ne_bytes());
+        });
+        expr_cmp_eq(&mut w, &0x4000u32.to_ne_bytes());
+        expr_masq(&mut w, true);
+        let d = decode(NFPROTO_IPV4, &w.into_bytes()).unwrap();
+        assert_eq!(
+            d.text.join(" "),
+            "meta mark & 0x00004000 == 0x00004000 masquerade"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! rules), rule deletion by handle, element and rule dumps, and the batch itself.
 
 pub mod foreign;
+pub mod lookup;
 pub mod netlink;
 
 use anyhow::{Context, Result};
@@ -53,19 +54,10 @@ fn fam_kw(f: Family) -> &'static str {
     }
 }
 
-/// Runs a read-only netlink exchange once more when even the restarts of [`Socket::dump`]
-/// (each run flagged `NLM_F_DUMP_INTR`) could not get one consistent answer: after a pause of
-/// 50 ms, then 200 ms, for another writer's burst of commits to pass. Three rounds at most,
-/// then the error of the last one (naming the dump) is returned.
+/// Runs a read-only netlink exchange. [`Socket::dump`] itself restarts a dump flagged
+/// `NLM_F_DUMP_INTR` (bounded, with backoff, under one deadline), so this is one call: a
+/// second layer of retries would multiply the bound.
 fn retry<T>(mut f: impl FnMut() -> Result<T, NlError>) -> Result<T, NlError> {
-    for pause_ms in [50, 200] {
-        match f() {
-            Err(NlError::Interrupted { .. }) => {
-                std::thread::sleep(std::time::Duration::from_millis(pause_ms))
-            }
-            other => return other,
-        }
-    }
     f()
 }
 
@@ -1110,13 +1102,13 @@ fn nat_postrouting(sock: &mut Socket, f: Family) -> Result<(bool, bool)> {
 /// Puts recorded default rules back, in one transaction, creating `table <family> nat` and its
 /// chain `POSTROUTING` where missing (as iptables-nft creates them). A record whose rule is
 /// present already (Docker re-inserted it) is skipped. Every record is checked with
-/// [`replayable`] first. Returns how many rules were put back. Equals
+/// [`replayable`] first. Returns the descriptions of the rules put back. Equals
 /// `nft add table ip nat; nft add chain ip nat POSTROUTING { type nat hook postrouting priority
 /// srcnat; policy accept; }; nft add rule ip nat POSTROUTING …` per record, atomically.
-pub fn restore_rules(sock: &mut Socket, records: &[&RemovedRule]) -> Result<usize> {
+pub fn restore_rules(sock: &mut Socket, records: &[&RemovedRule]) -> Result<Vec<String>> {
     let genid = genid(sock)?;
     let mut txn = Transaction::new(Some(genid));
-    let mut restored = 0;
+    let mut restored = Vec::new();
     for f in Family::ALL {
         let recs: Vec<_> = records.iter().filter(|r| r.family == fam_kw(f)).collect();
         if recs.is_empty() {
@@ -1177,7 +1169,7 @@ pub fn restore_rules(sock: &mut Socket, records: &[&RemovedRule]) -> Result<usiz
                     }
                 },
             );
-            restored += 1;
+            restored.push(rec.description.clone());
         }
     }
     sock.commit(txn)?;
@@ -1201,14 +1193,27 @@ pub fn delete_own_table(sock: &mut Socket) -> Result<(), NlError> {
     sock.commit(txn)
 }
 
-/// Renders the ruleset masqd installs for a policy, as an `nft -f` file.
+/// Renders the ruleset masqd installs for a policy (its nftables part: [`Policy::nft_part`],
+/// the guard only for a family in legacy xtables), as an `nft -f` file. Loaded with `nft -f`
+/// it replaces masqd's table atomically (one transaction: `table inet masqd` declares it when
+/// missing, `delete table inet masqd` removes it, then it is created anew), so loading it twice
+/// leaves one copy, and it loads over a table of an older layout too. A policy with nothing in
+/// nftables exports as the deletion of masqd's table, which is what `masqd apply` does then.
+///
+/// [`Policy::nft_part`]: crate::policy::Policy::nft_part
 pub fn export(p: &crate::policy::Policy) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    // Loaded with `nft -f` this replaces masqd's table atomically (one transaction), so loading
-    // it twice leaves one copy, and it loads over a table of an older layout too.
+    let _ = writeln!(s, "#!/usr/sbin/nft -f");
+    let _ = writeln!(
+        s,
+        "# masqd export: replaces table inet {TABLE} atomically; load with `nft -f FILE`"
+    );
     let _ = writeln!(s, "table inet {TABLE}");
     let _ = writeln!(s, "delete table inet {TABLE}");
+    if p.v4.is_none() && p.v6.is_none() {
+        return s;
+    }
     let _ = writeln!(s, "table inet {TABLE} {{");
     for (name, (f, ranges)) in crate::plan::desired_sets(p) {
         let _ = writeln!(s, "\tset {name} {{");
