@@ -482,6 +482,12 @@ fn apply_inner(
                     Some(SetCache::after(&p.nft_policy, p.observed.genid))
                 } else {
                     let now = nft::genid(sock).ok();
+                    if now != Some(own) {
+                        tracing::debug!(
+                            "ruleset generation {now:?} after masqd's commit, not {own}: the set \
+                             cache is dropped (someone else committed too)"
+                        );
+                    }
                     p.missed_events = muted.is_some() && now != Some(own);
                     (now == Some(own)).then(|| SetCache::after(&p.nft_policy, own))
                 };

@@ -129,6 +129,12 @@ impl SetCache {
 pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> {
     let genid = genid(sock).context("reading the ruleset generation")?;
     let cached = cache.filter(|c| c.genid == genid);
+    if let (Some(c), None) = (cache, cached) {
+        tracing::debug!(
+            "ruleset generation {genid}, set cache of {}: reading the sets back",
+            c.genid
+        );
+    }
     let table = if table_exists(sock)? {
         Some(observe_table(sock, cached)?)
     } else {
