@@ -241,11 +241,14 @@ impl fmt::Display for Summary {
 /// tells it apart from a plain `kill -HUP` and acknowledges it.
 pub const RELOAD_MAGIC: usize = 0x6d61_7371; // "masq"
 
-/// The signal the daemon answers a reload request with.
+/// The signal the daemon answers a reload request with when the new policy is in the kernel.
 pub const RELOAD_ACK: libc::c_int = libc::SIGUSR1;
+/// … and when it refused the configuration or could not apply it (it keeps the last good).
+pub const RELOAD_NACK: libc::c_int = libc::SIGUSR2;
 
-/// How long `check --reload` waits for the daemon's acknowledgement.
-pub const RELOAD_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `check --reload` waits for the daemon's answer (systemd's default TimeoutSec is
+/// 90 s; a reconcile of 1,000,000 exceptions takes a few seconds).
+pub const RELOAD_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether a signal read from the daemon's signalfd is a reload request of `check --reload`
 /// (SIGHUP sent with sigqueue(3) and [`RELOAD_MAGIC`]).
@@ -256,12 +259,14 @@ pub fn is_reload_request(info: &libc::signalfd_siginfo) -> bool {
         && info.ssi_pid != 0
 }
 
-/// The daemon's answer to a reload request, sent once it told systemd RELOADING=1: `kill -USR1
-/// <requester>`. A requester gone meanwhile is no error.
-pub fn acknowledge_reload(requester: Option<i32>) {
+/// The daemon's answer to a reload request, sent after RELOADING=1 once the reload's reconcile
+/// ended (`ok`: the new policy is in the kernel; else refused or failed): `kill -USR1` or
+/// `kill -USR2 <requester>`. A requester gone meanwhile is no error.
+pub fn acknowledge_reload(requester: Option<i32>, ok: bool) {
     let Some(pid) = requester else { return };
+    let sig = if ok { RELOAD_ACK } else { RELOAD_NACK };
     // SAFETY: kill(2) has no memory effects.
-    if unsafe { libc::kill(pid, RELOAD_ACK) } != 0 {
+    if unsafe { libc::kill(pid, sig) } != 0 {
         tracing::debug!(
             "acknowledging the reload request of pid {pid}: {}",
             std::io::Error::last_os_error()
@@ -270,8 +275,8 @@ pub fn acknowledge_reload(requester: Option<i32>) {
 }
 
 /// `masqd check --reload PID` after a successful check: `kill -HUP PID` (as sigqueue(3) with
-/// [`RELOAD_MAGIC`]), then wait until the daemon acknowledges it, which it does right after it
-/// sent RELOADING=1. systemd 252 waits for the READY=1 that ends a reload only when
+/// [`RELOAD_MAGIC`]), then wait for the daemon's answer, which it sends after RELOADING=1 once
+/// the reload's reconcile ended: exit 0 only when the new policy is in the kernel. systemd 252 waits for the READY=1 that ends a reload only when
 /// RELOADING=1 arrived before ExecReload exited; a bare `kill -HUP` exits at once and races it.
 pub fn request_reload(pid: i32) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -281,8 +286,9 @@ pub fn request_reload(pid: i32) -> anyhow::Result<()> {
     }
     let mut ack = SigSet::empty();
     ack.add(Signal::SIGUSR1);
+    ack.add(Signal::SIGUSR2);
     // Blocked before the request, so the answer waits for sigtimedwait below.
-    ack.thread_block().context("blocking SIGUSR1")?;
+    ack.thread_block().context("blocking SIGUSR1 and SIGUSR2")?;
     let value = libc::sigval {
         sival_ptr: RELOAD_MAGIC as *mut libc::c_void,
     };
@@ -308,6 +314,12 @@ pub fn request_reload(pid: i32) -> anyhow::Result<()> {
         let r = unsafe { libc::sigtimedwait(ack.as_ref(), std::ptr::null_mut(), &ts) };
         if r == RELOAD_ACK {
             return Ok(());
+        }
+        if r == RELOAD_NACK {
+            anyhow::bail!(
+                "the daemon (pid {pid}) refused the configuration or could not put it into the \
+                 kernel; it keeps its last good policy (journalctl -u masqd says why)"
+            );
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {

@@ -149,6 +149,8 @@ struct Daemon {
     last: Option<String>,
     ready: bool,
     reload_ready_pending: bool,
+    /// `masqd check --reload` helpers waiting for the outcome of the pending reload.
+    reload_requesters: Vec<i32>,
     pending: Option<&'static str>,
     failures: u32,
     not_before: Instant,
@@ -575,7 +577,7 @@ async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Conf
                     n.notify("STOPPING=1");
                     return Ok(None);
                 }
-                crate::check::acknowledge_reload(signals.1.take());
+                crate::check::acknowledge_reload(signals.1.take(), true);
             }
             _ = retry.tick() => {}
             _ = watchdog.tick(), if wd.is_some() => n.notify("WATCHDOG=1"),
@@ -682,6 +684,7 @@ async fn main_loop(
         last: None,
         ready: false,
         reload_ready_pending: false,
+        reload_requesters: Vec::new(),
         pending: Some("start-up"),
         failures: 0,
         not_before: Instant::now(),
@@ -797,9 +800,13 @@ async fn main_loop(
                         if r.as_ref().is_ok_and(|p| p.missed_events) {
                             d.pending.get_or_insert("ruleset changed while masqd was committing");
                         }
+                        let ok = r.is_ok();
                         d.finished(reason, r, took);
                         if std::mem::take(&mut running_is_reload) {
                             d.notifier.notify("READY=1");
+                            for pid in std::mem::take(&mut d.reload_requesters) {
+                                crate::check::acknowledge_reload(Some(pid), ok);
+                            }
                         }
                     }
                     Err(e) => {
@@ -837,10 +844,16 @@ async fn main_loop(
                     // A SIGHUP also asks for a resync; READY=1 follows when it is done.
                     d.reload_ready_pending = true;
                 }
-                // After RELOADING=1: the ExecReload helper may exit now, and systemd (which
-                // reads notifications before SIGCHLD) waits for READY=1.
-                crate::check::acknowledge_reload(signals.1.take());
+                // The ExecReload helper is answered after RELOADING=1 (systemd then waits for
+                // READY=1): at once when the configuration is refused, else once the reload's
+                // reconcile ended, with its outcome.
+                let requester = signals.1.take();
                 d.reload("SIGHUP");
+                if d.config_error.is_some() || !d.ready {
+                    crate::check::acknowledge_reload(requester, d.config_error.is_none());
+                } else {
+                    d.reload_requesters.extend(requester);
+                }
                 watch_dirs(&ino.get_ref().0, &d.watched_files(), &mut watched);
                 d.pending.get_or_insert("SIGHUP");
             }

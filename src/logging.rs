@@ -188,8 +188,11 @@ where
 /// when logging goes there, else as `masqd: error: …` on stderr (also when logging is off:
 /// the reason a command failed is never hidden).
 pub fn report_error(msg: &dyn fmt::Display) {
-    if ACTIVE.get() == Some(&LogFormat::Journal)
-        && tracing::enabled!(target: "masqd", tracing::Level::ERROR)
+    // Journal and JSON logs stay one format: the error goes through tracing there.
+    if matches!(
+        ACTIVE.get(),
+        Some(LogFormat::Journal) | Some(LogFormat::Json)
+    ) && tracing::enabled!(target: "masqd", tracing::Level::ERROR)
     {
         tracing::error!("{msg}");
     } else {

@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Log level (default: info for `run`, warn for the others); RUST_LOG overrides it.
-    #[arg(long, global = true, value_name = "LEVEL",
+    #[arg(long, global = true, value_name = "LEVEL", ignore_case = true,
           value_parser = clap::builder::PossibleValuesParser::new(masqd::logging::LEVELS))]
     log_level: Option<String>,
     /// Where and how to log: the journal under systemd (auto), text or JSON lines on stderr.
@@ -91,7 +91,7 @@ enum Command {
         #[arg(long, value_name = "IFACE")]
         oif: Option<String>,
         /// The packet's mark, hexadecimal (0x…) or decimal.
-        #[arg(long, value_name = "VALUE")]
+        #[arg(long, value_name = "VALUE", allow_hyphen_values = true)]
         mark: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -156,8 +156,9 @@ fn main() -> ExitCode {
         Command::Run => "info",
         _ => "warn",
     };
+    let given = cli.log_level.as_deref().map(str::to_ascii_lowercase);
     let level = masqd::logging::effective_level(
-        cli.log_level.as_deref().unwrap_or(default),
+        given.as_deref().unwrap_or(default),
         cli.verbose,
         cli.quiet,
     );
@@ -255,7 +256,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Detect { json } = cli.command {
         if config_missing(&paths.config) {
-            return detect_without_config(&paths, json);
+            let note = format!("no config file at {}", paths.config.display());
+            return detect_without_config(json, &note);
+        }
+        // An invalid configuration does not hide the facts: detection without a policy,
+        // saying why (the error itself is what `masqd check` is for).
+        if let Err(e) = engine::load(&paths.config) {
+            return detect_without_config(json, &format!("the configuration is invalid ({e})"));
         }
     }
     if let Command::Explain {
@@ -432,13 +439,12 @@ fn config_missing(path: &std::path::Path) -> bool {
 }
 
 /// `masqd detect` with no config file: both families' facts and decisions, with no policy.
-fn detect_without_config(paths: &Paths, json: bool) -> anyhow::Result<ExitCode> {
+fn detect_without_config(json: bool, why: &str) -> anyhow::Result<ExitCode> {
     let mut sock = masqd::backend::nft::netlink::Socket::open()?;
     let d = engine::detect_without_policy(&mut sock)?;
     let note = format!(
-        "no config file at {}: detection without a policy (backend.mode auto, no pod CIDRs); the \
-         overridden rules need the pod CIDRs and are not listed",
-        paths.config.display()
+        "{why}: detection without a policy (backend.mode auto, no pod CIDRs); the overridden \
+         rules need the pod CIDRs and are not listed"
     );
     if json {
         let mut v = serde_json::to_value(&d)?;

@@ -154,6 +154,12 @@ impl Running {
         if genid < self.genid {
             return;
         }
+        // The same rule at the same generation never counts down: a lower value is a reading
+        // taken earlier and handed over later (a reconcile's, after a scrape's). Keep the max.
+        let same_rule = handle.is_some() && handle == self.handle && genid == self.genid;
+        if same_rule && value < self.last {
+            return;
+        }
         if value < self.last || (self.handle.is_some() && handle != self.handle) {
             self.base = self.base.saturating_add(self.last);
         }
@@ -922,6 +928,20 @@ fn respond(head: &[u8], metrics: &Metrics) -> (&'static str, &'static str, Strin
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_stale_lower_reading_is_not_a_reset() {
+        // A scrape reads 110; the reconcile that read 100 earlier hands its reading over later.
+        let mut r = Running::default();
+        r.observe(Some(7), 100, 5);
+        r.observe(Some(7), 110, 5);
+        r.observe(Some(7), 100, 5);
+        assert_eq!(r.total(), 110);
+        // A real reset: the rule was replaced (new handle) — the old count is kept.
+        r.observe(Some(9), 3, 6);
+        assert_eq!(r.total(), 113);
+    }
+
     use super::*;
 
     #[test]

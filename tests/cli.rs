@@ -371,6 +371,14 @@ fn detect_works_without_a_config_file() {
     let none = dir.path().join("no-such.toml");
     let out = ns.masqd_ok(&none, &state, &["detect"], 0);
     assert!(out.contains("no config file at"), "{out}");
+    // An invalid one does not hide the facts either, and says why.
+    let bad = dir.write("bad.toml", "[node]\npod_cidrs = [\"10.0.0.1/33\"]\n");
+    let out = ns.masqd_ok(&bad, &state, &["detect"], 0);
+    assert!(
+        out.contains("the configuration is invalid") && out.contains("bad.toml:2"),
+        "{out}"
+    );
+    assert!(out.contains("ipv4: "), "{out}");
     assert!(
         out.contains("ipv4: nft") && out.contains("ipv6: nft"),
         "{out}"

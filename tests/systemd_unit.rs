@@ -65,7 +65,8 @@ done
 install -m 0755 "$BIN" /usr/bin/masqd
 mkdir -p /run/systemd/system /etc/masqd /etc/systemd/journald.conf.d
 cp "$D"/units/* /run/systemd/system/
-for u in systemd-journald.service systemd-journald.socket systemd-journald-dev-log.socket; do
+# Not systemd-journald-dev-log.socket: it links /dev/log, and /dev is the host's.
+for u in systemd-journald.service systemd-journald.socket; do
     cp /lib/systemd/system/$u /run/systemd/system/
 done
 printf '[Journal]\nStorage=volatile\nReadKMsg=no\nRateLimitBurst=0\n' > /etc/systemd/journald.conf.d/test.conf
@@ -144,7 +145,7 @@ impl Systemd {
         let child = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount --net --cgroup \
+                "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount --net --cgroup --uts --ipc \
                  --mount-proc --propagation private sh {}/inner.sh {} {}",
                 cgroup.display(),
                 dir.path().display(),
@@ -378,11 +379,15 @@ fn has_iso_timestamp(s: &str) -> bool {
     })
 }
 
+/// Host state the test's systemd could change: sysctls, the hostname, /dev/log.
 fn sysctls() -> Vec<String> {
-    ["fs/nr_open", "fs/file-max", "kernel/core_pattern"]
+    let mut v: Vec<String> = ["fs/nr_open", "fs/file-max", "kernel/core_pattern"]
         .iter()
         .map(|p| std::fs::read_to_string(format!("/proc/sys/{p}")).unwrap_or_default())
-        .collect()
+        .collect();
+    v.push(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default());
+    v.push(format!("{:?}", std::fs::read_link("/dev/log").ok()));
+    v
 }
 
 #[test]
@@ -454,7 +459,7 @@ fn the_shipped_unit_under_a_real_systemd() {
     assert_eq!(
         sysctls(),
         before,
-        "the test's systemd changed a host sysctl"
+        "the test's systemd changed the host (sysctl, hostname or /dev/log)"
     );
 }
 
