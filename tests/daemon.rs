@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,21 +27,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
-        let sock_dir = TempDir::new();
-        let sock_path = sock_dir.path().join("notify.sock");
-        let sock = UnixDatagram::bind(&sock_path).unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                if tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let (sock_dir, sock_path, rx) = notify_socket();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_masqd")])
             .args([

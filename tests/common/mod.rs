@@ -512,3 +512,25 @@ pub fn tables_names(ns: &Netns) -> (String, String) {
         r("/proc/thread-self/net/ip6_tables_names"),
     )
 }
+
+/// A fake NOTIFY_SOCKET for `masqd run`: a datagram socket in a scratch directory and a
+/// channel that receives every notification sent to it. Returns (directory, socket path,
+/// notifications); the socket lives as long as the directory.
+pub fn notify_socket() -> (TempDir, PathBuf, std::sync::mpsc::Receiver<String>) {
+    let dir = TempDir::new();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if tx
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    (dir, path, rx)
+}

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use rustables::sys;
 
 use super::netlink::{NlError, Socket};
-use super::{a, list_ranges, put_data_value, retry, NFPROTO_INET};
+use super::{a, list_ranges, retry, NFPROTO_INET};
 use crate::plan::TABLE;
 use crate::policy::{contains, Family, Range};
 
@@ -117,15 +117,7 @@ fn get_element(
         w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
         w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
         let list = w.nest_begin(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS));
-        let el = w.nest_begin(a(sys::NFTA_LIST_ELEM));
-        put_data_value(w, a(sys::NFTA_SET_ELEM_KEY), &f.key_bytes(key));
-        if end {
-            w.put_be32(
-                a(sys::NFTA_SET_ELEM_FLAGS),
-                libc::NFT_SET_ELEM_INTERVAL_END as u32,
-            );
-        }
-        w.nest_end(el);
+        super::element(w, f, key, end);
         w.nest_end(list);
     }) {
         Ok(m) => m,
