@@ -375,7 +375,9 @@ impl Daemon {
                     utc_hms(SystemTime::now()),
                     format!("{e:#}").lines().next().unwrap_or_default()
                 ));
-                self.pending.get_or_insert("retry");
+                // Retried under its own reason: a configuration change that succeeds on the
+                // second attempt is still a configuration change, not a repair.
+                self.pending.get_or_insert(reason);
                 self.not_before = now + backoff;
             }
         }
