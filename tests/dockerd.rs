@@ -1040,11 +1040,16 @@ fn scenario(v: Variant) {
         seen.len(),
         runs(&wrong_t)
     );
-    assert_eq!(
-        c.a.masqd(&cfg, &state, &["plan"]).status.code(),
-        Some(0),
-        "masqd is in sync at the end"
-    );
+    // In sync at the end: in legacy mode the re-inserted broad rule is removed by the next
+    // resync (legacy changes raise no events; 5 s), so allow a few of them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.a.masqd(&cfg, &state, &["plan"]).status.code() != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "masqd never got back in sync after the restarts"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     drop(dockerd);
     drop(containerd);
 }
