@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,14 +19,12 @@ bridge_interfaces = ["docker0"]
 
 struct Daemon {
     child: Child,
-    notes: Receiver<String>,
-    seen: Vec<String>,
-    _sock_dir: TempDir,
+    notes: Notes,
 }
 
 impl Daemon {
     fn start(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
-        let (sock_dir, sock_path, rx) = notify_socket();
+        let notes = Notes::new();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_masqd")])
             .args([
@@ -37,38 +34,18 @@ impl Daemon {
                 state.to_str().unwrap(),
             ])
             .args(["--log-level", "info", "run"])
-            .env("NOTIFY_SOCKET", &sock_path)
+            .env("NOTIFY_SOCKET", &notes.path)
             .env("WATCHDOG_USEC", "400000")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start masqd run");
-        Daemon {
-            child,
-            notes: rx,
-            seen: Vec::new(),
-            _sock_dir: sock_dir,
-        }
+        Daemon { child, notes }
     }
 
     /// Waits for a notification containing `what`; returns it.
     fn wait_note(&mut self, what: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.notes.recv_timeout(left) {
-                Ok(n) => {
-                    self.seen.push(n.clone());
-                    if n.contains(what) {
-                        return n;
-                    }
-                }
-                Err(_) => panic!(
-                    "no {what:?} notification within {timeout:?}; got {:?}",
-                    self.seen
-                ),
-            }
-        }
+        self.notes.wait(what, timeout)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -195,6 +172,7 @@ fn config_follows_atomic_rename_and_broken_reload_is_survived() {
     d.wait_note("READY=1", Duration::from_secs(5));
     // The STATUS line in force (repeats are not resent) names the error.
     let st = d
+        .notes
         .seen
         .iter()
         .rev()
@@ -340,6 +318,7 @@ fn waits_for_a_subnet_env_that_appears_later() {
     let mut d = Daemon::start(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     let st = d
+        .notes
         .seen
         .iter()
         .find(|n| n.contains("waiting"))

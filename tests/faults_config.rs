@@ -8,7 +8,6 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,45 +24,23 @@ bridge_interfaces = ["docker0"]
 /// masqd's own from the first instruction), with a fake NOTIFY_SOCKET.
 struct Daemon {
     child: Child,
-    notes: Receiver<String>,
-    seen: Vec<String>,
-    _sock_dir: TempDir,
+    notes: Notes,
 }
 
 impl Daemon {
     fn start(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
-        let (sock_dir, sock_path, rx) = notify_socket();
+        let notes = Notes::new();
         let mut cmd = masqd_in(ns, cfg, state, &["--log-level", "info", "run"]);
-        cmd.env("NOTIFY_SOCKET", &sock_path)
+        cmd.env("NOTIFY_SOCKET", &notes.path)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("start masqd run");
-        Daemon {
-            child,
-            notes: rx,
-            seen: Vec::new(),
-            _sock_dir: sock_dir,
-        }
+        Daemon { child, notes }
     }
 
     /// Waits for a notification containing `what`; returns it.
     fn wait_note(&mut self, what: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.notes.recv_timeout(left) {
-                Ok(n) => {
-                    self.seen.push(n.clone());
-                    if n.contains(what) {
-                        return n;
-                    }
-                }
-                Err(_) => panic!(
-                    "no {what:?} notification within {timeout:?}; got {:?}",
-                    self.seen
-                ),
-            }
-        }
+        self.notes.wait(what, timeout)
     }
 
     fn signal(&self, sig: Signal) {
@@ -286,6 +263,7 @@ fn missing_list_file_exits_78_at_start_and_keeps_the_last_good_policy_at_reload(
     d.wait_note("RELOADING=1", SECS);
     d.wait_note("READY=1", SECS);
     let st = d
+        .notes
         .seen
         .iter()
         .rev()
@@ -374,10 +352,8 @@ fn sighup_in_the_first_milliseconds_never_kills_and_ends_in_sync() {
             d.signal(Signal::SIGHUP);
         }
         let t = Instant::now();
-        while !d.seen.iter().any(|n| n.contains("READY=1")) {
-            if let Ok(n) = d.notes.recv_timeout(Duration::from_millis(100)) {
-                d.seen.push(n);
-            }
+        while !d.notes.seen.iter().any(|n| n.contains("READY=1")) {
+            d.notes.poll(Duration::from_millis(100));
             let st = d.child.try_wait().unwrap();
             assert!(
                 st.is_none(),
@@ -386,7 +362,7 @@ fn sighup_in_the_first_milliseconds_never_kills_and_ends_in_sync() {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "no READY=1: {:?}",
-                d.seen
+                d.notes.seen
             );
         }
         std::thread::sleep(Duration::from_millis(50));

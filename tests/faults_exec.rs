@@ -106,6 +106,17 @@ fn iptables(ns: &Netns, v6: bool, rule: &[&str]) {
     ns.ok(&args);
 }
 
+/// Docker's broad rule for the pod CIDRs of both families, in legacy xtables.
+fn broad_rules(ns: &Netns) {
+    for (v6, pod) in [(false, "172.7.21.0/24"), (true, "fd00:7:21::/64")] {
+        iptables(
+            ns,
+            v6,
+            &["-s", pod, "!", "-o", "docker0", "-j", "MASQUERADE"],
+        );
+    }
+}
+
 /// The rule lines of a legacy nat dump (a rule whose comment holds a newline spans lines).
 fn nat(ns: &Netns, v6: bool) -> String {
     legacy_save(ns, v6, Some("nat"))
@@ -230,32 +241,7 @@ fn untrusted_path_entries_are_never_run() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cfg = dir.write("masqd.toml", &format!("{CFG}{LEGACY}"));
     let state = dir.path().join("state");
-    iptables(
-        &ns,
-        false,
-        &[
-            "-s",
-            "172.7.21.0/24",
-            "!",
-            "-o",
-            "docker0",
-            "-j",
-            "MASQUERADE",
-        ],
-    );
-    iptables(
-        &ns,
-        true,
-        &[
-            "-s",
-            "fd00:7:21::/64",
-            "!",
-            "-o",
-            "docker0",
-            "-j",
-            "MASQUERADE",
-        ],
-    );
+    broad_rules(&ns);
     let marker = dir.path().join("marker");
     let world = dir.path().join("world");
     let group = dir.path().join("group");
@@ -362,32 +348,7 @@ fn a_save_whose_child_holds_the_pipe_neither_hangs_nor_leaves_it_running() {
     let dir = TempDir::new();
     let cfg = dir.write("masqd.toml", &format!("{CFG}{LEGACY}"));
     let state = dir.path().join("state");
-    iptables(
-        &ns,
-        false,
-        &[
-            "-s",
-            "172.7.21.0/24",
-            "!",
-            "-o",
-            "docker0",
-            "-j",
-            "MASQUERADE",
-        ],
-    );
-    iptables(
-        &ns,
-        true,
-        &[
-            "-s",
-            "fd00:7:21::/64",
-            "!",
-            "-o",
-            "docker0",
-            "-j",
-            "MASQUERADE",
-        ],
-    );
+    broad_rules(&ns);
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();

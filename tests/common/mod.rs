@@ -513,24 +513,62 @@ pub fn tables_names(ns: &Netns) -> (String, String) {
     )
 }
 
-/// A fake NOTIFY_SOCKET for `masqd run`: a datagram socket in a scratch directory and a
-/// channel that receives every notification sent to it. Returns (directory, socket path,
-/// notifications); the socket lives as long as the directory.
-pub fn notify_socket() -> (TempDir, PathBuf, std::sync::mpsc::Receiver<String>) {
-    let dir = TempDir::new();
-    let path = dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
-        while let Ok(n) = sock.recv(&mut buf) {
-            if tx
-                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                .is_err()
-            {
-                break;
+/// A fake NOTIFY_SOCKET for `masqd run`: a datagram socket in a scratch directory, and every
+/// notification received so far (`seen`).
+pub struct Notes {
+    /// The socket's path, for `NOTIFY_SOCKET`.
+    pub path: PathBuf,
+    /// Notifications received, in order.
+    pub seen: Vec<String>,
+    rx: std::sync::mpsc::Receiver<String>,
+    _dir: TempDir,
+}
+
+impl Notes {
+    pub fn new() -> Notes {
+        let dir = TempDir::new();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Notes {
+            path,
+            seen: Vec::new(),
+            rx,
+            _dir: dir,
+        }
+    }
+
+    /// Takes the next notification into `seen` if one arrives within `timeout`.
+    pub fn poll(&mut self, timeout: Duration) -> Option<&str> {
+        let n = self.rx.recv_timeout(timeout).ok()?;
+        self.seen.push(n);
+        self.seen.last().map(String::as_str)
+    }
+
+    /// Waits for a notification containing `what`; returns it.
+    pub fn wait(&mut self, what: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.poll(left) {
+                Some(n) if n.contains(what) => return n.to_string(),
+                Some(_) => {}
+                None => panic!(
+                    "no {what:?} notification within {timeout:?}; got {:?}",
+                    self.seen
+                ),
             }
         }
-    });
-    (dir, path, rx)
+    }
 }
