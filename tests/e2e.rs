@@ -5,22 +5,7 @@
 
 mod common;
 
-use std::net::IpAddr;
-
 use common::*;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-const NODE_A_CONFIG: &str = r#"
-[node]
-pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
-[masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
-nonmasquerade_cidrs = []
-bridge_interfaces = ["docker0"]
-"#;
 
 #[test]
 fn pod_keeps_its_ip_inside_cluster_and_is_masqueraded_outside() {

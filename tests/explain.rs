@@ -178,10 +178,6 @@ fn explain(s: &Setup, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("explain {args:?}: {e}: {out}"))
 }
 
-fn ip(s: &str) -> std::net::IpAddr {
-    s.parse().unwrap()
-}
-
 fn other<'a>(e: &'a serde_json::Value, needle: &str) -> Option<&'a serde_json::Value> {
     e["other_rules"]
         .as_array()

@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 const NODE_A: &str = r#"
 [node]
 pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::path::Path;
 
 use common::*;
@@ -339,10 +338,6 @@ fn mixed_node_default_rules_removed_in_both_backends() {
     assert!(out.contains("restored 2"), "{out}");
     assert_eq!(legacy_save(&ns, false, Some("nat")), legacy_before);
     assert_eq!(rules(&ns.ruleset(), "ip", "nat", "POSTROUTING").len(), 1);
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 #[test]

@@ -9,25 +9,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const NODE_A_CONFIG: &str = r#"
-[node]
-pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
-[masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
-nonmasquerade_cidrs = []
-bridge_interfaces = ["docker0"]
-"#;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 fn config(listen: &str) -> String {
     format!("{NODE_A_CONFIG}[metrics]\nlisten = \"{listen}\"\n")

@@ -434,6 +434,22 @@ pub fn seen_source(
     }
 }
 
+/// An address written as text (tests only).
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Node A's configuration in the cluster of scripts/cluster.sh: its pod subnets, the cluster
+/// network as the exception, docker0 as the bridge.
+pub const NODE_A_CONFIG: &str = r#"
+[node]
+pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
+[masquerade]
+cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
+nonmasquerade_cidrs = []
+bridge_interfaces = ["docker0"]
+"#;
+
 /// The two-node cluster of scripts/cluster.sh; `writer` (`nft` or `legacy`) says which
 /// iptables wrote the broad default rule on node A. Removed on drop.
 pub struct Cluster {
