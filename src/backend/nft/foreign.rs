@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use rustables::sys;
 
 use super::netlink::{Attr, Attrs, Socket};
-use super::{a, addr_field, exprs, family_name, retry, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::{a, addr_field, exprs, family_name, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6};
 use crate::foreign::{NatRule, SourceMatch};
 use crate::plan::TABLE;
 use crate::policy::Family;
@@ -20,7 +20,7 @@ const NFT_LOOKUP_F_INV: u32 = 1;
 /// xtables `MASQUERADE` / `SNAT` targets iptables-nft writes).
 pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
     let prio = postrouting_priorities(sock)?;
-    let msgs = retry(|| sock.dump(sys::NFT_MSG_GETRULE, 0, "list ruleset (rules)", |_| {}))?;
+    let msgs = sock.dump(sys::NFT_MSG_GETRULE, 0, "list ruleset (rules)", |_| {})?;
     let mut out = Vec::new();
     for m in &msgs {
         let at = m.attrs();
@@ -69,7 +69,7 @@ pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
 type Priorities = std::collections::HashMap<((u8, String), String), Option<i32>>;
 
 fn postrouting_priorities(sock: &mut Socket) -> Result<Priorities> {
-    let msgs = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, 0, "list chains", |_| {}))?;
+    let msgs = sock.dump(sys::NFT_MSG_GETCHAIN, 0, "list chains", |_| {})?;
     let mut out = Priorities::new();
     for m in &msgs {
         let at = m.attrs();

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use rustables::sys;
 
 use super::netlink::{NlError, Socket};
-use super::{a, list_ranges, retry, NFPROTO_INET};
+use super::{a, list_ranges, NFPROTO_INET};
 use crate::plan::TABLE;
 use crate::policy::{contains, Family, Range};
 
@@ -90,11 +90,9 @@ fn by_dump(sock: &mut Socket, set: &str, f: Family, addr: u128) -> Result<Lookup
 /// (a GETSET for one set, not a dump).
 fn set_exists(sock: &mut Socket, set: &str) -> Result<bool> {
     let what = format!("list set inet {TABLE} {set} (header)");
-    match retry(|| {
-        sock.request(sys::NFT_MSG_GETSET, NFPROTO_INET, &what, |w| {
-            w.put_str(a(sys::NFTA_SET_TABLE), TABLE);
-            w.put_str(a(sys::NFTA_SET_NAME), set);
-        })
+    match sock.request(sys::NFT_MSG_GETSET, NFPROTO_INET, &what, |w| {
+        w.put_str(a(sys::NFTA_SET_TABLE), TABLE);
+        w.put_str(a(sys::NFTA_SET_NAME), set);
     }) {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),

@@ -54,13 +54,6 @@ fn fam_kw(f: Family) -> &'static str {
     }
 }
 
-/// Runs a read-only netlink exchange. [`Socket::dump`] itself restarts a dump flagged
-/// `NLM_F_DUMP_INTR` (bounded, with backoff, under one deadline), so this is one call: a
-/// second layer of retries would multiply the bound.
-fn retry<T>(mut f: impl FnMut() -> Result<T, NlError>) -> Result<T, NlError> {
-    f()
-}
-
 /// The ruleset generation. Equals `nft list ruleset` reading its generation id.
 pub fn genid(sock: &mut Socket) -> Result<u32, NlError> {
     let msgs = sock.request(
@@ -76,14 +69,12 @@ pub fn genid(sock: &mut Socket) -> Result<u32, NlError> {
 
 /// Whether `table inet masqd` exists. Equals `nft list table inet masqd` succeeding.
 fn table_exists(sock: &mut Socket) -> Result<bool, NlError> {
-    let tables = retry(|| {
-        sock.dump(
-            sys::NFT_MSG_GETTABLE,
-            NFPROTO_INET,
-            "list tables inet",
-            |_| {},
-        )
-    })?;
+    let tables = sock.dump(
+        sys::NFT_MSG_GETTABLE,
+        NFPROTO_INET,
+        "list tables inet",
+        |_| {},
+    )?;
     Ok(tables
         .iter()
         .any(|m| m.attrs().get(a(sys::NFTA_TABLE_NAME)).and_then(|x| x.str()) == Some(TABLE)))
@@ -153,14 +144,12 @@ pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> 
 
 fn observe_table(sock: &mut Socket, cached: Option<&SetCache>) -> Result<ObservedTable> {
     let mut t = ObservedTable::default();
-    let chains = retry(|| {
-        sock.dump(
-            sys::NFT_MSG_GETCHAIN,
-            NFPROTO_INET,
-            "list chains inet",
-            |_| {},
-        )
-    })?;
+    let chains = sock.dump(
+        sys::NFT_MSG_GETCHAIN,
+        NFPROTO_INET,
+        "list chains inet",
+        |_| {},
+    )?;
     for m in &chains {
         let at = m.attrs();
         if at.get(a(sys::NFTA_CHAIN_TABLE)).and_then(|x| x.str()) != Some(TABLE) {
@@ -256,7 +245,7 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
     let mut out = NftFacts::default();
     let fam = nfproto(f);
     for family in [fam, NFPROTO_INET] {
-        let rules = retry(|| sock.dump(sys::NFT_MSG_GETRULE, family, "list rules", |_| {}))?;
+        let rules = sock.dump(sys::NFT_MSG_GETRULE, family, "list rules", |_| {})?;
         out.rules += rules
             .iter()
             .filter(|m| {
@@ -265,7 +254,7 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
             })
             .count();
     }
-    let chains = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, fam, "list chains", |_| {}))?;
+    let chains = sock.dump(sys::NFT_MSG_GETCHAIN, fam, "list chains", |_| {})?;
     for m in &chains {
         let at = m.attrs();
         let t = at
@@ -291,30 +280,26 @@ pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
 
 /// The sets of masqd's table. Equals `nft list sets table inet masqd`.
 fn list_sets(sock: &mut Socket) -> Result<Vec<netlink::Msg>, NlError> {
-    retry(|| {
-        sock.dump(
-            sys::NFT_MSG_GETSET,
-            NFPROTO_INET,
-            "list sets inet masqd",
-            |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
-        )
-    })
+    sock.dump(
+        sys::NFT_MSG_GETSET,
+        NFPROTO_INET,
+        "list sets inet masqd",
+        |w| w.put_str(a(sys::NFTA_SET_TABLE), TABLE),
+    )
 }
 
 /// Reads the elements of an interval set back as ranges. Equals
 /// `nft list set inet masqd <name>`. None when the elements do not form intervals.
 pub fn list_ranges(sock: &mut Socket, set: &str, f: Family) -> Result<Option<Vec<Range>>> {
-    let msgs = retry(|| {
-        sock.dump(
-            sys::NFT_MSG_GETSETELEM,
-            NFPROTO_INET,
-            &format!("list set inet {TABLE} {set}"),
-            |w| {
-                w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
-                w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
-            },
-        )
-    })?;
+    let msgs = sock.dump(
+        sys::NFT_MSG_GETSETELEM,
+        NFPROTO_INET,
+        &format!("list set inet {TABLE} {set}"),
+        |w| {
+            w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
+            w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
+        },
+    )?;
     let mut elems: Vec<(u128, bool)> = Vec::new();
     for m in &msgs {
         let Some(list) = m.attrs().get(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS)) else {
@@ -393,11 +378,9 @@ pub fn list_rules(
     chain: &str,
 ) -> Result<Vec<KernelRule>> {
     let what = format!("list chain {} {table} {chain}", family_name(family));
-    let msgs = match retry(|| {
-        sock.dump(sys::NFT_MSG_GETRULE, family, &what, |w| {
-            w.put_str(a(sys::NFTA_RULE_TABLE), table);
-            w.put_str(a(sys::NFTA_RULE_CHAIN), chain);
-        })
+    let msgs = match sock.dump(sys::NFT_MSG_GETRULE, family, &what, |w| {
+        w.put_str(a(sys::NFTA_RULE_TABLE), table);
+        w.put_str(a(sys::NFTA_RULE_CHAIN), chain);
     }) {
         Ok(m) => m,
         Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(Vec::new()),
@@ -494,7 +477,7 @@ fn udata_with_comment(c: &str) -> Vec<u8> {
 /// (`-s <cidr> [! -o <if>] -j MASQUERADE`). Equals `nft -a list chain ip nat POSTROUTING`.
 fn observe_foreign(sock: &mut Socket, f: Family) -> Result<Vec<ForeignRule>> {
     let family = nfproto(f);
-    let tables = retry(|| sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {}))?;
+    let tables = sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {})?;
     let has_nat = tables
         .iter()
         .any(|m| m.attrs().get(a(sys::NFTA_TABLE_NAME)).and_then(|x| x.str()) == Some("nat"));
@@ -1092,12 +1075,12 @@ pub fn replayable(rec: &RemovedRule) -> Result<Replay, String> {
 /// `nft list table <family> nat` and `nft list chain <family> nat POSTROUTING` succeeding.
 fn nat_postrouting(sock: &mut Socket, f: Family) -> Result<(bool, bool)> {
     let family = nfproto(f);
-    let tables = retry(|| sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {}))?;
+    let tables = sock.dump(sys::NFT_MSG_GETTABLE, family, "list tables", |_| {})?;
     let name = |m: &netlink::Msg, attr| m.attrs().get(a(attr)).and_then(|x| x.str()) == Some("nat");
     if !tables.iter().any(|m| name(m, sys::NFTA_TABLE_NAME)) {
         return Ok((false, false));
     }
-    let chains = retry(|| sock.dump(sys::NFT_MSG_GETCHAIN, family, "list chains", |_| {}))?;
+    let chains = sock.dump(sys::NFT_MSG_GETCHAIN, family, "list chains", |_| {})?;
     let chain = chains.iter().any(|m| {
         name(m, sys::NFTA_CHAIN_TABLE)
             && m.attrs().get(a(sys::NFTA_CHAIN_NAME)).and_then(|x| x.str()) == Some("POSTROUTING")
