@@ -281,8 +281,8 @@ pub struct ReadError {
 
 /// Reads a file the configuration depends on, bounded: opened without blocking (a FIFO never
 /// hangs the caller), required to be a regular file of at most [`MAX_FILE_BYTES`], read with
-/// that limit (a file that grows meanwhile is refused, `/dev/zero` never fills memory), UTF-8,
-/// a leading byte-order mark dropped.
+/// that limit (a file that grows meanwhile is refused, `/dev/zero` never fills memory), UTF-8.
+/// A leading byte-order mark is left to the parsers, which drop it (they take text directly too).
 pub fn read_bounded(path: &Path) -> Result<String, ReadError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -332,16 +332,12 @@ pub fn read_bounded(path: &Path) -> Result<String, ReadError> {
     if buf.len() as u64 > MAX_FILE_BYTES {
         return Err(too_big());
     }
-    let mut text = String::from_utf8(buf).map_err(|e| {
+    String::from_utf8(buf).map_err(|e| {
         fail(format!(
             "it is not UTF-8 text (invalid byte at offset {})",
             e.utf8_error().valid_up_to()
         ))
-    })?;
-    if text.starts_with('\u{feff}') {
-        text.drain(..'\u{feff}'.len_utf8());
-    }
-    Ok(text)
+    })
 }
 
 /// Drops a leading UTF-8 byte-order mark.
