@@ -874,19 +874,8 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
 /// lines are ignored; CR/LF line endings and a byte-order mark are accepted. Meant for long
 /// exception lists (tens of thousands of entries), which it parses an order of magnitude
 /// faster than a TOML array. The list is part of the configuration: a missing file is an
-/// error like any other (never waited for).
-pub fn load_cidr_list(path: &Path) -> Result<Vec<IpNet>, ConfigError> {
-    let text = read_bounded(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        line: None,
-        key: None,
-        message: format!("cannot read the CIDR list: {}", e.message),
-        missing_file: false,
-    })?;
-    parse_cidr_list(path, &text)
-}
-
-/// [`load_cidr_list`], each entry with its line and the key that named the list.
+/// error like any other (never waited for). Each entry comes with its line and the key that
+/// named the list.
 fn load_cidr_list_origins(
     path: &Path,
     key: &'static str,
@@ -913,7 +902,7 @@ fn load_cidr_list_origins(
     Ok(out)
 }
 
-/// Parses the text of a CIDR list file (see [`load_cidr_list`]).
+/// Parses the text of a CIDR list file (the format `[masquerade] nonmasquerade_cidrs_file` names).
 pub fn parse_cidr_list(path: &Path, text: &str) -> Result<Vec<IpNet>, ConfigError> {
     let mut out = Vec::new();
     for_each_cidr_line(path, text, |net, _, _| out.push(net))?;
