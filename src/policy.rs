@@ -68,6 +68,54 @@ impl Family {
         }
     }
 
+    /// The nftables family keyword of the family's own tables (`ip`, `ip6`), as in
+    /// `nft list table ip nat`; also the family name masqd's state file records.
+    pub fn nft_keyword(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// The family of an nftables keyword (`ip`, `ip6`); None for any other.
+    pub fn from_nft_keyword(kw: &str) -> Option<Family> {
+        match kw {
+            "ip" => Some(Family::V4),
+            "ip6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    /// The netfilter protocol family number (`NFPROTO_IPV4` = 2, `NFPROTO_IPV6` = 10).
+    pub fn nfproto(self) -> u8 {
+        match self {
+            Family::V4 => 2,
+            Family::V6 => 10,
+        }
+    }
+
+    /// The legacy xtables binaries of the family: (save, restore, the rule command), as in
+    /// `iptables-legacy-save`, `iptables-legacy-restore`, `iptables-legacy`.
+    pub fn ipt_binaries(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Family::V4 => (
+                "iptables-legacy-save",
+                "iptables-legacy-restore",
+                "iptables-legacy",
+            ),
+            Family::V6 => (
+                "ip6tables-legacy-save",
+                "ip6tables-legacy-restore",
+                "ip6tables-legacy",
+            ),
+        }
+    }
+
+    /// The legacy xtables rule command of the family (`iptables-legacy`, `ip6tables-legacy`).
+    pub fn ipt_binary(self) -> &'static str {
+        self.ipt_binaries().2
+    }
+
     /// Formats an address integer of this family.
     pub fn fmt_addr(self, addr: u128) -> String {
         match self {

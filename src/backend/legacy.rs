@@ -41,18 +41,7 @@ pub struct Binaries {
 
 /// Names of the legacy binaries of a family: (save, restore, plain).
 pub fn binary_names(f: Family) -> (&'static str, &'static str, &'static str) {
-    match f {
-        Family::V4 => (
-            "iptables-legacy-save",
-            "iptables-legacy-restore",
-            "iptables-legacy",
-        ),
-        Family::V6 => (
-            "ip6tables-legacy-save",
-            "ip6tables-legacy-restore",
-            "ip6tables-legacy",
-        ),
-    }
+    f.ipt_binaries()
 }
 
 /// The legacy binaries of a family found on `$PATH`, if both save and restore are there.

@@ -41,17 +41,11 @@ fn a(x: impl TryInto<u16>) -> u16 {
 }
 
 fn nfproto(f: Family) -> u8 {
-    match f {
-        Family::V4 => NFPROTO_IPV4,
-        Family::V6 => NFPROTO_IPV6,
-    }
+    f.nfproto()
 }
 
 fn fam_kw(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
+    f.nft_keyword()
 }
 
 /// The ruleset generation. Equals `nft list ruleset` reading its generation id.
