@@ -1,24 +1,19 @@
-//! Running the legacy iptables binaries: an argument vector (never a shell), optional stdin,
-//! a clean environment, a deadline that covers the whole process group and its pipes, and a
-//! failure test on the exit status and the tool's own error stream.
-//!
-//! Binaries are looked up only in trusted directories of `$PATH` (absolute, owned by root, not
-//! writable by group or others; `/usr/sbin:/usr/bin:/sbin:/bin` when `PATH` is unset), and the
-//! binary itself — every symlink hop to its final target — must be just as trusted: masqd runs
-//! them as root.
+//! Running one child process: an argument vector (never a shell), optional stdin, a clean
+//! environment, a deadline that covers the whole process group and its pipes, bounded waiting
+//! on every pipe, and a failure test on the exit status and the tool's own error stream.
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use super::lookup::SAFE_PATH;
 
 /// Default bound on every binary call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,9 +22,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// xtables lock file every iptables user must share (the unit sets it), and where the
 /// iptables extensions live when the distribution moved them.
 pub const PASSED_ENV: [&str; 2] = ["XTABLES_LOCKFILE", "XTABLES_LIBDIR"];
-
-/// The search path when `PATH` is unset, and the only `PATH` a child is given.
-pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A binary call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,119 +65,6 @@ pub struct Output {
     /// Standard error.
     pub stderr: String,
 }
-
-/// Finds `name` in the trusted directories of `$PATH` (no `which`, no shell); see
-/// [`find_in`].
-pub fn find_binary(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| SAFE_PATH.into());
-    find_in(&path, name)
-}
-
-/// Finds `name` in the entries of the search path `path` that are trusted directories, taking
-/// the first candidate that is a trusted binary. Empty and relative entries (the current
-/// directory) are never searched; an untrusted directory or binary is skipped with a warning
-/// (once per path).
-pub fn find_in(path: &OsStr, name: &str) -> Option<PathBuf> {
-    if name.is_empty() || name.contains('/') {
-        return None;
-    }
-    for dir in std::env::split_paths(path) {
-        let candidate = dir.join(name);
-        if std::fs::symlink_metadata(&candidate).is_err() {
-            continue;
-        }
-        match trusted_dir(&dir).and_then(|()| trusted_binary(&candidate)) {
-            Ok(()) => return Some(candidate),
-            Err(why) => warn_once(&candidate, &why),
-        }
-    }
-    None
-}
-
-fn warn_once(p: &Path, why: &str) {
-    static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if !seen.iter().any(|s| s == p) {
-        seen.push(p.to_path_buf());
-        tracing::warn!("not running {}: {why}", p.display());
-    }
-}
-
-/// A directory root alone can change: absolute, a directory (after symlinks), owned by root,
-/// not writable by group or others — and so is every directory above it (else its owner
-/// could rename it away and put another in its place).
-pub fn trusted_dir(d: &Path) -> Result<(), String> {
-    if !d.is_absolute() {
-        return Err(format!(
-            "PATH entry {:?} is not an absolute directory (an empty or relative entry means \
-             the current directory)",
-            d.display().to_string()
-        ));
-    }
-    let m = std::fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    if !m.is_dir() {
-        return Err(format!("{} is not a directory", d.display()));
-    }
-    owned_by_root(d, &m)?;
-    let real = std::fs::canonicalize(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    for parent in real.ancestors().skip(1) {
-        let pm = std::fs::metadata(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        // A sticky root-owned directory (/tmp) lets nobody else rename root's entries.
-        let sticky = pm.uid() == 0 && pm.mode() & 0o1000 != 0;
-        if !sticky {
-            owned_by_root(parent, &pm).map_err(|e| {
-                format!("{} lies below a directory others control: {e}", d.display())
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn owned_by_root(p: &Path, m: &std::fs::Metadata) -> Result<(), String> {
-    if m.uid() != 0 {
-        return Err(format!(
-            "{} is owned by uid {}, not root",
-            p.display(),
-            m.uid()
-        ));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{} is writable by group or others (mode {:o})",
-            p.display(),
-            m.mode() & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-/// A binary root alone can change: every symlink hop lies in a trusted directory, and the final
-/// target is an executable regular file owned by root and not writable by group or others.
-pub fn trusted_binary(p: &Path) -> Result<(), String> {
-    let mut cur = p.to_path_buf();
-    for _ in 0..40 {
-        let m = std::fs::symlink_metadata(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
-        if !m.file_type().is_symlink() {
-            if !m.is_file() || m.mode() & 0o111 == 0 {
-                return Err(format!("{} is not an executable file", cur.display()));
-            }
-            return owned_by_root(&cur, &m);
-        }
-        let target = std::fs::read_link(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
-        let next = match cur.parent() {
-            Some(dir) => dir.join(target),
-            None => target,
-        };
-        let dir = next.parent().unwrap_or(Path::new("/"));
-        trusted_dir(dir).map_err(|e| format!("{} -> {}: {e}", cur.display(), next.display()))?;
-        cur = next;
-    }
-    Err(format!(
-        "{}: too many levels of symbolic links",
-        p.display()
-    ))
-}
-
 fn display(prog: &Path, args: &[&str]) -> String {
     let mut s = prog.display().to_string();
     for a in args {
@@ -438,21 +317,7 @@ pub fn reported_error(stderr: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
-
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("masqd-exec-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    }
+    use crate::exec::testutil::{script, tmpdir};
 
     fn alive(pid: i32) -> bool {
         // A leftover reparented to init may stay a zombie for a moment: that is not running.
@@ -478,6 +343,28 @@ mod tests {
 
     fn pid_in(f: &Path) -> i32 {
         std::fs::read_to_string(f).unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn only_error_lines_of_stderr_are_reported() {
+        assert_eq!(reported_error(""), None);
+        assert_eq!(
+            reported_error("# Warning: iptables-legacy tables present, use iptables-legacy\n"),
+            None
+        );
+        assert_eq!(
+            reported_error("ok\n  iptables-restore: line 3 failed: Permission denied  \nmore"),
+            Some("iptables-restore: line 3 failed: Permission denied".to_string())
+        );
+        assert_eq!(
+            reported_error(
+                "iptables-legacy-save v1.8.9: Table does not exist (do you need to insmod?)"
+            ),
+            None,
+            "not one of the error words"
+        );
+        assert!(reported_error("can't initialize iptables table `nat'").is_some());
+        assert!(reported_error("WARNING: error ignored").is_none());
     }
 
     #[test]
@@ -592,55 +479,6 @@ mod tests {
             o.stdout
         );
         assert!(o.stdout.contains("LC_ALL=C\n"), "{}", o.stdout);
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn only_trusted_directories_and_binaries_are_found() {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "run the tests as root"
-        );
-        let d = tmpdir("lookup");
-        let mk = |name: &str, mode: u32| {
-            let sub = d.join(name);
-            std::fs::create_dir_all(&sub).unwrap();
-            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
-            script(&sub, "tool", "true");
-            sub
-        };
-        let good = mk("good", 0o755);
-        let world = mk("world", 0o777);
-        let group = mk("group", 0o775);
-        let other = mk("other", 0o755);
-        nix::unistd::chown(&other, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-        let path = |dirs: &[&str]| std::ffi::OsString::from(dirs.join(":"));
-        let s = |p: &Path| p.display().to_string();
-        let found = |dirs: &[&str]| find_in(&path(dirs), "tool");
-        assert_eq!(found(&[&s(&good)]), Some(good.join("tool")));
-        for bad in [&world, &group, &other] {
-            assert_eq!(
-                found(&[&s(bad), &s(&good)]),
-                Some(good.join("tool")),
-                "{bad:?}"
-            );
-            assert_eq!(found(&[&s(bad)]), None, "{bad:?}");
-        }
-        // Empty and relative entries are the current directory: never searched.
-        assert_eq!(found(&["", "."]), None);
-        assert_eq!(find_in(&path(&["good"]), "tool"), None);
-        // The binary itself: writable by others, or a link to one in an untrusted place.
-        let linked = mk("linked", 0o755);
-        std::fs::set_permissions(linked.join("tool"), std::fs::Permissions::from_mode(0o757))
-            .unwrap();
-        assert_eq!(found(&[&s(&linked)]), None);
-        std::fs::remove_file(linked.join("tool")).unwrap();
-        std::os::unix::fs::symlink(world.join("tool"), linked.join("tool")).unwrap();
-        assert_eq!(found(&[&s(&linked)]), None);
-        std::fs::remove_file(linked.join("tool")).unwrap();
-        std::os::unix::fs::symlink("../good/tool", linked.join("tool")).unwrap();
-        assert_eq!(found(&[&s(&linked)]), Some(linked.join("tool")));
-        assert_eq!(find_in(&path(&[&s(&good)]), "../good/tool"), None);
         let _ = std::fs::remove_dir_all(d);
     }
 }
