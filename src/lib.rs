@@ -5,6 +5,7 @@
 //! the one-shot commands.
 pub mod backend;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod detect;

@@ -1,0 +1,112 @@
+//! `masqd apply`, `masqd plan` and `masqd status`: the commands that compare the kernel with
+//! the configuration, and what they print.
+
+use anyhow::Result;
+
+use super::backend_calls;
+use super::exit::{CHANGES_PENDING, OK, OUT_OF_SYNC};
+use crate::config::Config;
+use crate::engine::{self, Paths, Plan};
+use crate::foreign::Overridden;
+use crate::policy::Policy;
+
+/// `masqd apply`: makes the kernel match and prints what changed; exit 0.
+pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<u8> {
+    let p = engine::apply(paths, cfg, policy)?;
+    if p.is_empty() {
+        println!("in sync: nothing to change");
+    } else {
+        print_changes(&p, false);
+        tracing::info!(changes = p.len(), "applied");
+    }
+    Ok(OK)
+}
+
+/// `masqd plan`: prints what `apply` would change; exit 0 when nothing, 2 when changes are
+/// pending.
+pub fn plan(cfg: &Config, policy: &Policy) -> Result<u8> {
+    let p = backend_calls::plan(cfg, policy)?;
+    if p.is_empty() {
+        println!("# in sync: nothing to change");
+        return Ok(OK);
+    }
+    print_changes(&p, true);
+    Ok(CHANGES_PENDING)
+}
+
+/// `masqd status`: exit 0 in sync, 3 out of sync.
+pub fn status(paths: &Paths, cfg: &Config, policy: &Policy, json: bool) -> Result<u8> {
+    let st = engine::status(paths, cfg, policy)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", status_text(&st));
+    }
+    Ok(if st.in_sync { OK } else { OUT_OF_SYNC })
+}
+
+/// The text of `masqd status`.
+pub fn status_text(st: &engine::Status) -> String {
+    let mut out = vec![format!("backend:              {}", st.backend)];
+    if st.in_sync {
+        out.push("in sync:              yes".into());
+    } else {
+        out.push(format!(
+            "in sync:              no ({} pending changes; see `masqd plan`)",
+            st.pending_changes
+        ));
+    }
+    for (f, fs) in [("ipv4", &st.ipv4), ("ipv6", &st.ipv6)] {
+        let Some(fs) = fs else { continue };
+        out.push(format!("{f} ({}):", fs.backend));
+        for (name, n) in &fs.sets {
+            out.push(backend_calls::status_set_line(name, *n));
+        }
+        out.push(format!(
+            "  masqueraded connections   {}",
+            fs.masqueraded_connections
+        ));
+        out.push(format!(
+            "  kept connections          {}",
+            fs.kept_connections
+        ));
+    }
+    out.push(format!(
+        "default rules left:   {}",
+        st.default_rules_present
+    ));
+    if st.removed_rules.is_empty() {
+        out.push("removed default rules (restored by teardown): none recorded".into());
+    } else {
+        out.push("removed default rules (restored by teardown):".into());
+        out.extend(st.removed_rules.iter().map(|r| format!("  {r}")));
+    }
+    let mut s = out.join("\n");
+    s.push('\n');
+    s.push_str(&overridden_text(&st.overridden));
+    s
+}
+
+/// The other NAT rules for the pod CIDRs, as `status` and `detect` print them.
+pub fn overridden_text(list: &[Overridden]) -> String {
+    if list.is_empty() {
+        return "other NAT rules for the pod CIDRs: none\n".into();
+    }
+    let mut s = String::from("other NAT rules for the pod CIDRs:\n");
+    for o in list {
+        let handle = backend_calls::position(&o.backend, o.handle);
+        s.push_str(&format!(
+            "  {} {} {} {handle} ({}): {}\n",
+            o.backend, o.table, o.chain, o.ip_family, o.rule
+        ));
+        s.push_str(&format!("      {}\n", o.reason));
+    }
+    s
+}
+
+/// Prints the changes of `p`: one summary per change, or (`full`) everything.
+fn print_changes(p: &Plan, full: bool) {
+    for l in backend_calls::change_lines(p, full) {
+        println!("{l}");
+    }
+}
