@@ -1,0 +1,155 @@
+//! The one call from the daemon into the engine: a reconcile on a blocking task, with the
+//! apply socket (whose port id marks masqd's own notifications), the set cache carried from
+//! one reconcile to the next, and the notifications muted around large commits.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::task::{JoinError, JoinHandle};
+
+use super::triggers::Trigger;
+use super::TARGET;
+use crate::backend::nft::netlink::Socket;
+use crate::backend::nft::SetCache;
+use crate::config::Config;
+use crate::engine::{self, Plan};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+
+/// What one reconcile works from.
+pub(super) struct Inputs {
+    pub trigger: Trigger,
+    pub cfg: Config,
+    pub policy: Policy,
+    pub state_dir: PathBuf,
+    /// Read everything: notifications were lost, the set cache is not trusted.
+    pub full: bool,
+    /// The event socket, muted around large commits.
+    pub monitor_fd: RawFd,
+    /// Where the other NAT rules (a dump of every rule) go, when they are read this time.
+    pub overridden_to: Option<Arc<Metrics>>,
+}
+
+/// A reconcile that ended.
+pub(super) struct Finished {
+    pub trigger: Trigger,
+    pub result: Result<Plan>,
+    pub took: Duration,
+}
+
+/// What the reconcile task hands back.
+pub(super) type Output = (Socket, Option<SetCache>, Finished);
+
+/// The apply socket and the set cache, lent to the reconcile task while it runs.
+pub(super) struct Reconciler {
+    sock: Option<Socket>,
+    own_pid: u32,
+    cache: Option<SetCache>,
+    job: Option<JoinHandle<Output>>,
+}
+
+impl Reconciler {
+    /// Opens the apply socket.
+    pub fn open() -> Result<Reconciler> {
+        let sock = Socket::open().context("opening the netlink socket")?;
+        Ok(Reconciler {
+            own_pid: sock.portid()?,
+            sock: Some(sock),
+            cache: None,
+            job: None,
+        })
+    }
+
+    /// The apply socket's port id: notifications that carry it are masqd's own.
+    pub fn own_pid(&self) -> u32 {
+        self.own_pid
+    }
+
+    /// Whether a reconcile can start (none runs).
+    pub fn idle(&self) -> bool {
+        self.job.is_none() && self.sock.is_some()
+    }
+
+    /// Starts a reconcile on a blocking task (`engine::apply_with`).
+    pub fn start(&mut self, inp: Inputs) {
+        let Some(mut sock) = self.sock.take() else {
+            return;
+        };
+        let mut cache = self.cache.take().filter(|_| !inp.full);
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            // Mute our own notifications around large commits (the kernel would build one
+            // per element); a change by someone else in that window is caught by the
+            // generation check and reported as `missed_events`.
+            let mon_fd = inp.monitor_fd;
+            let mute = move |quiet: bool| {
+                if let Err(e) = Socket::set_membership(mon_fd, !quiet) {
+                    tracing::warn!(target: TARGET, "{e}");
+                }
+            };
+            let result = engine::apply_with(
+                &mut sock,
+                &inp.state_dir,
+                &inp.cfg,
+                &inp.policy,
+                &mut cache,
+                Some(&mute),
+            );
+            let took = t.elapsed();
+            if let (Some(m), Ok(p)) = (&inp.overridden_to, &result) {
+                m.refresh_overridden(p, &inp.policy, &mut sock);
+            }
+            let trigger = inp.trigger;
+            (
+                sock,
+                cache,
+                Finished {
+                    trigger,
+                    result,
+                    took,
+                },
+            )
+        }));
+    }
+
+    /// Waits for the running reconcile (never returns while none runs; cancel-safe).
+    pub async fn wait(&mut self) -> Result<Output, JoinError> {
+        match &mut self.job {
+            Some(job) => {
+                let r = job.await;
+                self.job = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Takes the socket and the set cache back from a reconcile that ended; `keep` says, given
+    /// whether it succeeded, whether its cache may be used by the next one.
+    pub fn finished(&mut self, out: Output, keep: impl FnOnce(bool) -> bool) -> Finished {
+        let (sock, cache, f) = out;
+        self.sock = Some(sock);
+        let keep = keep(f.result.is_ok());
+        self.cache = cache.filter(|_| keep);
+        f
+    }
+
+    /// The reconcile task died (it panicked): a fresh socket, no cache.
+    pub fn crashed(&mut self) -> Result<()> {
+        let sock = Socket::open().context("reopening netlink")?;
+        self.own_pid = sock.portid()?;
+        self.sock = Some(sock);
+        self.cache = None;
+        Ok(())
+    }
+
+    /// Stopping: lets an apply in flight finish (it is one transaction either way).
+    pub async fn drain(self) {
+        if let Some(job) = self.job {
+            let _ = tokio::time::timeout(Duration::from_secs(10), job).await;
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! What asks the daemon for a reconcile, as a typed [`Trigger`] (its `Display` is the reason
+//! the logs show), which nftables notifications count as one, and the bookkeeping of lost
+//! notifications ([`Overflow`]).
+
+use std::fmt;
+
+use rustables::sys::NFT_MSG_NEWGEN;
+
+use crate::backend::nft::netlink::Event;
+use crate::policy::Family;
+
+/// `NFPROTO_INET`, the family of masqd's own table (`table inet masqd`).
+const NFPROTO_INET: u8 = libc::NFPROTO_INET as u8;
+
+/// Why a reconcile is wanted. Triggers that arrive while one is pending coalesce into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The daemon started.
+    Start,
+    /// A reload read a configuration that differs from the running one.
+    ConfigChanged,
+    /// SIGHUP (a reload also asks for a resync).
+    Reload,
+    /// An nftables notification that concerns masqd (see [`relevant`]).
+    NetlinkEvent,
+    /// nftables notifications were lost (ENOBUFS on the event socket, or a read error).
+    MonitorOverflow,
+    /// The ruleset changed while masqd's notifications were muted around a large commit.
+    MissedEvents,
+    /// The resync timer.
+    Resync,
+    /// The reconcile task died; the same work again.
+    Retry,
+}
+
+impl Trigger {
+    /// Whether this reconcile also reads the other NAT rules for the metrics (a dump of every
+    /// rule): only at start-up, resync and reload.
+    pub fn reads_all_rules(self) -> bool {
+        matches!(
+            self,
+            Trigger::Start | Trigger::Resync | Trigger::Reload | Trigger::ConfigChanged
+        )
+    }
+
+    /// The trigger of a drained batch of nftables notifications, if it asks for a reconcile.
+    pub fn from_events(events: &[Event], own_pid: u32) -> Option<Trigger> {
+        if events.contains(&Event::Overrun) {
+            Some(Trigger::MonitorOverflow)
+        } else if events.iter().any(|e| relevant(e, own_pid)) {
+            Some(Trigger::NetlinkEvent)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Trigger::Start => "start-up",
+            Trigger::ConfigChanged => "configuration change",
+            Trigger::Reload => "SIGHUP",
+            Trigger::NetlinkEvent => "nftables change",
+            Trigger::MonitorOverflow => "lost nftables notifications",
+            Trigger::MissedEvents => "ruleset changed while masqd was committing",
+            Trigger::Resync => "resync",
+            Trigger::Retry => "retry",
+        })
+    }
+}
+
+/// Whether a notification concerns masqd: its own table, or the nat tables where default rules
+/// live, changed by someone else (or lost notifications).
+pub fn relevant(e: &Event, own_pid: u32) -> bool {
+    match e {
+        Event::Overrun => true,
+        Event::Change {
+            kind,
+            family,
+            pid,
+            table,
+        } => {
+            if *pid == own_pid || u32::from(*kind) == NFT_MSG_NEWGEN {
+                return false;
+            }
+            let nat_family = *family == Family::V4.nfproto() || *family == Family::V6.nfproto();
+            match table.as_deref() {
+                Some(crate::plan::TABLE) => *family == NFPROTO_INET,
+                Some("nat") => nat_family,
+                _ => false,
+            }
+        }
+    }
+}
+
+/// Lost nftables notifications (`ENOBUFS` on the event socket, or an error reading it): a full
+/// reconcile that trusts no set cache follows, and each burst is logged once, with its end.
+#[derive(Debug, Default)]
+pub struct Overflow {
+    /// The current burst was logged.
+    warned: bool,
+    /// Notifications were lost since the last reconcile started.
+    unseen: bool,
+    /// The reconcile now running started after lost notifications.
+    covered: bool,
+}
+
+impl Overflow {
+    /// Notifications were lost (`why` is logged once per burst).
+    pub fn lost(&mut self, why: &str) {
+        if !std::mem::replace(&mut self.warned, true) {
+            tracing::warn!("nftables notifications were lost ({why}): resyncing everything");
+        }
+        self.unseen = true;
+    }
+
+    /// A reconcile starts: whether it must read everything (no cache).
+    pub fn starting(&mut self) -> bool {
+        self.covered = std::mem::take(&mut self.unseen);
+        self.covered
+    }
+
+    /// A reconcile ended: whether its set cache may be kept.
+    pub fn ended(&mut self, ok: bool) -> bool {
+        let covered = std::mem::take(&mut self.covered);
+        if !ok {
+            self.unseen |= covered;
+        } else if covered && !self.unseen {
+            self.warned = false;
+            tracing::info!("resynced with the kernel after lost nftables notifications");
+        }
+        !self.unseen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The numbers of linux/netfilter.h and linux/netfilter/nf_tables.h, written out here as
+    // an independent source (NFT_MSG_NEWRULE is 6, NFT_MSG_NEWGEN 15).
+    const NFPROTO_INET: u8 = 1;
+    const NFPROTO_IPV4: u8 = 2;
+    const NFPROTO_IPV6: u8 = 10;
+
+    fn change(family: u8, table: &str, pid: u32) -> Event {
+        Event::Change {
+            kind: 6,
+            family,
+            pid,
+            table: Some(table.into()),
+        }
+    }
+
+    #[test]
+    fn relevance() {
+        assert!(relevant(&change(NFPROTO_INET, "masqd", 99), 7));
+        assert!(
+            !relevant(&change(NFPROTO_INET, "masqd", 7), 7),
+            "own change"
+        );
+        assert!(relevant(&change(NFPROTO_IPV4, "nat", 99), 7));
+        assert!(!relevant(&change(NFPROTO_IPV4, "filter", 99), 7));
+        assert!(!relevant(&change(NFPROTO_INET, "other", 99), 7));
+        assert!(relevant(&Event::Overrun, 7));
+    }
+
+    #[test]
+    fn relevance_by_family_and_generation() {
+        assert!(relevant(&change(NFPROTO_IPV6, "nat", 99), 7));
+        assert!(
+            !relevant(&change(NFPROTO_INET, "nat", 99), 7),
+            "inet nat is not iptables-nft's"
+        );
+        assert!(
+            !relevant(&change(NFPROTO_IPV4, "masqd", 99), 7),
+            "ip masqd is not masqd's table"
+        );
+        let newgen = Event::Change {
+            kind: 15,
+            family: 0,
+            pid: 99,
+            table: None,
+        };
+        assert!(
+            !relevant(&newgen, 7),
+            "generation messages follow every commit"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_notifications_is_one_trigger() {
+        let foreign = change(NFPROTO_IPV4, "nat", 99);
+        let own = change(NFPROTO_INET, "masqd", 7);
+        assert_eq!(Trigger::from_events(std::slice::from_ref(&own), 7), None);
+        assert_eq!(
+            Trigger::from_events(&[own.clone(), foreign.clone()], 7),
+            Some(Trigger::NetlinkEvent)
+        );
+        assert_eq!(
+            Trigger::from_events(&[foreign, Event::Overrun], 7),
+            Some(Trigger::MonitorOverflow),
+            "an overrun wins: the cache cannot be trusted"
+        );
+    }
+
+    #[test]
+    fn reasons_read_as_before() {
+        let all = [
+            (Trigger::Start, "start-up"),
+            (Trigger::ConfigChanged, "configuration change"),
+            (Trigger::Reload, "SIGHUP"),
+            (Trigger::NetlinkEvent, "nftables change"),
+            (Trigger::MonitorOverflow, "lost nftables notifications"),
+            (
+                Trigger::MissedEvents,
+                "ruleset changed while masqd was committing",
+            ),
+            (Trigger::Resync, "resync"),
+            (Trigger::Retry, "retry"),
+        ];
+        for (t, s) in all {
+            assert_eq!(t.to_string(), s);
+        }
+        let full: Vec<Trigger> = all
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| t.reads_all_rules())
+            .collect();
+        assert_eq!(
+            full,
+            [
+                Trigger::Start,
+                Trigger::ConfigChanged,
+                Trigger::Reload,
+                Trigger::Resync
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_notifications_mean_one_full_resync_per_burst() {
+        let mut o = Overflow::default();
+        assert!(!o.starting(), "no overflow: the cache may be used");
+        assert!(o.ended(true));
+        o.lost("a");
+        o.lost("b");
+        assert!(o.warned, "the burst is logged");
+        assert!(o.starting(), "the next reconcile reads everything");
+        o.lost("c"); // more lost while it runs: its cache is not kept, one more full pass
+        assert!(!o.ended(true));
+        assert!(o.warned, "still the same burst");
+        assert!(o.starting());
+        assert!(!o.ended(false), "a failed resync is owed again");
+        assert!(o.starting());
+        assert!(o.ended(true));
+        assert!(!o.warned, "the burst is over: the next one is logged again");
+        assert!(!o.starting());
+    }
+}
