@@ -19,9 +19,10 @@ use super::scheduler::{Outcome, Scheduler};
 use super::signals::{block_signals, Signals};
 use super::triggers::Trigger;
 use super::view::{Reloaded, View};
-use super::watch::{watched_files, Watcher};
+use super::watch::Watcher;
 use super::{EX_CONFIG, TARGET};
 use crate::backend::nft::netlink::{Event, NlError};
+use crate::config::watch_paths;
 use crate::config::{self, Config};
 use crate::engine::Paths;
 
@@ -187,7 +188,7 @@ async fn main_loop(
     let view = View::new(cfg);
     let reconciler = Reconciler::open()?;
     let monitor = Monitor::open()?;
-    let watcher = Watcher::new(&watched_files(&paths.config, &view.cfg))?;
+    let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
     let mut d = Daemon {
         sched: Scheduler::new(Instant::now(), view.resync()),
         paths,
@@ -350,7 +351,7 @@ impl Daemon {
             self.reload_requesters.extend(requester);
         }
         self.watcher
-            .rearm(&watched_files(&self.paths.config, &self.view.cfg));
+            .rearm(&watch_paths(&self.paths.config, &self.view.cfg));
         self.sched.trigger(Trigger::Reload);
     }
 
@@ -377,11 +378,11 @@ impl Daemon {
 
     /// inotify events in the watched directories.
     fn files_changed(&mut self, evs: &[InotifyEvent]) {
-        let files = watched_files(&self.paths.config, &self.view.cfg);
+        let files = watch_paths(&self.paths.config, &self.view.cfg);
         if self.watcher.changed(evs, &files) {
             self.reload("configuration file changed");
             self.watcher
-                .rearm(&watched_files(&self.paths.config, &self.view.cfg));
+                .rearm(&watch_paths(&self.paths.config, &self.view.cfg));
         }
     }
 

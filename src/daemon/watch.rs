@@ -11,20 +11,6 @@ use tokio::io::unix::AsyncFd;
 
 use super::signals::Fd;
 use super::TARGET;
-use crate::config::Config;
-
-/// The files whose changes reload the configuration. (The same list as
-/// `crate::config::watch_paths` once the config sources say what they want watched.)
-pub(super) fn watched_files(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
-    let mut v = vec![config_path.to_path_buf()];
-    if let Some(e) = &cfg.flannel_subnet_env {
-        v.push(e.clone());
-    }
-    if let Some(e) = &cfg.nonmasquerade_cidrs_file {
-        v.push(e.clone());
-    }
-    v
-}
 
 /// Whether an inotify event in a watched directory concerns one of `files` (by name; names
 /// starting with `..` are the atomic symlink swaps of Kubernetes-style config volumes).
