@@ -124,8 +124,6 @@ pub fn trusted_binary(p: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::testutil::{script, tmpdir};
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn system_directories_are_trusted_and_the_current_one_never() {
