@@ -9,6 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 bash scripts/install-deps.sh
+bash scripts/check-msrv.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets

@@ -5,7 +5,7 @@
 //! Isolation (nothing is left on the host): systemd runs in a cgroup of its own (created here,
 //! removed at the end) that it sees as the root of a cgroup2 mounted in its namespace; /run
 //! and /tmp are fresh tmpfs; /etc, /var and /usr are overlays whose upper layers live in that
-//! /run (the test binary is installed as /usr/bin/masqd there, so the unit needs no edit);
+//! /run (the test binary is installed as /usr/sbin/masqd there, so the unit needs no edit);
 //! `SYSTEMD_UNIT_PATH` is /run/systemd/system alone, holding the unit, journald's units and
 //! empty stand-ins for sysinit.target and basic.target; the journal is volatile. At the end
 //! systemd is killed by PID (the namespace's processes die with it) and its cgroups removed.
@@ -62,7 +62,7 @@ for d in etc var usr; do
     mkdir -p /run/.ovl/$d/up /run/.ovl/$d/work
     mount -t overlay overlay -o lowerdir=/$d,upperdir=/run/.ovl/$d/up,workdir=/run/.ovl/$d/work /$d
 done
-install -m 0755 "$BIN" /usr/bin/masqd
+install -m 0755 "$BIN" /usr/sbin/masqd
 mkdir -p /run/systemd/system /etc/masqd /etc/systemd/journald.conf.d
 cp "$D"/units/* /run/systemd/system/
 # Not systemd-journald-dev-log.socket: it links /dev/log, and /dev is the host's.

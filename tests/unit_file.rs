@@ -10,8 +10,8 @@ fn unit_has_the_daemon_contract() {
     let text = std::fs::read_to_string(UNIT).unwrap();
     for line in [
         "Type=notify",
-        "ExecStart=/usr/bin/masqd run",
-        "ExecReload=/usr/bin/masqd check --reload $MAINPID",
+        "ExecStart=/usr/sbin/masqd run",
+        "ExecReload=/usr/sbin/masqd check --reload $MAINPID",
         "Restart=on-failure",
         "RestartPreventExitStatus=78",
         "StateDirectory=masqd",
