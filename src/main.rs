@@ -107,6 +107,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell); the
+    /// Debian package installs those of bash, zsh and fish.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page masqd(8), roff (how the package builds it).
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// What `masqd export` prints.
@@ -169,10 +179,40 @@ fn main() -> ExitCode {
     if let Command::Run = cli.command {
         return masqd::daemon::run(paths);
     }
+    if let Some(code) = print_docs(&cli.command) {
+        return code;
+    }
     match dispatch(&cli.command, &paths) {
         Ok(code) => ExitCode::from(code),
         Err(e) => report_error(&cli.command, &e),
     }
+}
+
+/// `completions` and `manpage`: generated from these clap definitions (clap_complete,
+/// clap_mangen), so they never disagree with `--help`.
+fn print_docs(command: &Command) -> Option<ExitCode> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut cmd = Cli::command();
+    // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+    let mut buf = Vec::new();
+    let rendered = match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "masqd", &mut buf);
+            Ok(())
+        }
+        Command::Manpage => clap_mangen::Man::new(cmd).section("8").render(&mut buf),
+        _ => return None,
+    };
+    let written = rendered.and_then(|()| std::io::stdout().lock().write_all(&buf));
+    Some(match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            masqd::logging::report_error(&format!("writing to stdout: {e}"));
+            ExitCode::from(1)
+        }
+    })
 }
 
 /// `--help` and `--version` print and exit 0; any other parse error exits 64 (EX_USAGE).
@@ -207,7 +247,9 @@ fn report_error(command: &Command, e: &anyhow::Error) -> ExitCode {
 /// Runs a one-shot command; its exit code.
 fn dispatch(command: &Command, paths: &Paths) -> anyhow::Result<u8> {
     match command {
-        Command::Run => unreachable!("handled in main"),
+        Command::Run | Command::Completions { .. } | Command::Manpage => {
+            unreachable!("handled in main")
+        }
         Command::Check { reload } => cli::check::check(&paths.config, *reload),
         Command::Teardown => cli::teardown::teardown(paths),
         Command::Detect { json } => cli::detect::detect(&paths.config, *json),

@@ -102,8 +102,8 @@ fn the_package_holds_every_file_at_its_path() {
     }
 }
 
-/// Every destination of Cargo.toml's `assets` is in the package (the man page and the
-/// completions join this list when they are generated: then they are checked too).
+/// Every destination of Cargo.toml's `assets` is in the package (a man page compressed by
+/// cargo-deb as `.gz`), among them the man page and the bash, zsh and fish completions.
 #[test]
 fn the_package_holds_every_asset_of_cargo_toml() {
     let manifest: toml::Table = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml"))
@@ -118,9 +118,25 @@ fn the_package_holds_every_asset_of_cargo_toml() {
     for a in assets {
         let dest = a[1].as_str().expect("an asset's destination");
         let path = format!("/{}", dest.trim_start_matches('/'));
+        let gz = format!("{path}.gz");
         assert!(
-            files.iter().any(|(f, _)| *f == path),
+            files
+                .iter()
+                .any(|(f, _)| *f == path || (path.contains("/man/") && *f == gz)),
             "asset {path} is not in the package"
+        );
+    }
+    for generated in [
+        "/usr/share/man/man8/masqd.8",
+        "/usr/share/bash-completion/completions/masqd",
+        "/usr/share/zsh/vendor-completions/_masqd",
+        "/usr/share/fish/vendor_completions.d/masqd.fish",
+    ] {
+        assert!(
+            assets
+                .iter()
+                .any(|a| a[1].as_str().map(|d| format!("/{d}")) == Some(generated.into())),
+            "{generated} is not among the assets"
         );
     }
 }
@@ -370,7 +386,10 @@ fn the_unit_closes_no_ordering_cycle() {
     let cycles = ordering_cycles(&unit);
     assert!(cycles.is_empty(), "{cycles}");
     assert!(unit.contains("\nWants=network-pre.target\n"), "{unit}");
-    assert!(unit.contains("\nBefore=network-pre.target kubelet.service\n"), "{unit}");
+    assert!(
+        unit.contains("\nBefore=network-pre.target kubelet.service\n"),
+        "{unit}"
+    );
     // The check sees one: the same unit also ordered after Docker (which is after
     // network-online.target, after network-pre.target).
     let after_docker = unit.replacen(
