@@ -6,10 +6,12 @@ use anyhow::Result;
 use ipnet::IpNet;
 use rustables::sys;
 
+use super::decode::exprs;
+use super::encode::addr_field;
+use super::model::TABLE;
 use super::netlink::{Attr, Attrs, Socket};
-use super::{a, addr_field, exprs, family_name, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::{a, family_name, family_of_nfproto, NFPROTO_INET};
 use crate::foreign::{NatRule, SourceMatch};
-use crate::plan::TABLE;
 use crate::policy::Family;
 
 const NFTA_TARGET_NAME: u16 = 1;
@@ -121,11 +123,7 @@ fn be32(at: Attrs<'_>, ty: impl TryInto<u16>) -> Option<u32> {
 pub fn decode(table_family: u8, list: &[u8]) -> Option<Decoded> {
     let mut d = Decoder {
         out: Decoded {
-            family: match table_family {
-                NFPROTO_IPV4 => Some(Family::V4),
-                NFPROTO_IPV6 => Some(Family::V6),
-                _ => None,
-            },
+            family: family_of_nfproto(table_family),
             source: SourceMatch::Any,
             text: Vec::new(),
         },
@@ -209,12 +207,12 @@ impl Decoder {
             .out
             .family
             .unwrap_or(if len > 4 { Family::V6 } else { Family::V4 });
-        let kw = if f == Family::V4 { "ip" } else { "ip6" };
+        let kw = f.nft_keyword();
         self.loaded = Some(if base != sys::NFT_PAYLOAD_NETWORK_HEADER {
             "payload".into()
-        } else if off == addr_field(f, true).0 {
+        } else if off == addr_field(f, true).offset {
             format!("{kw} saddr")
-        } else if off == addr_field(f, false).0 {
+        } else if off == addr_field(f, false).offset {
             format!("{kw} daddr")
         } else {
             format!("{kw} @{off},{len}")
@@ -231,10 +229,8 @@ impl Decoder {
         let exact = neq || op == Some(sys::NFT_CMP_EQ);
         let val = data_value(at, sys::NFTA_CMP_DATA).unwrap_or(&[]);
         if what == "meta nfproto" {
-            match val.first() {
-                Some(&p) if p == NFPROTO_IPV4 => self.out.family = Some(Family::V4),
-                Some(&p) if p == NFPROTO_IPV6 => self.out.family = Some(Family::V6),
-                _ => {}
+            if let Some(f) = val.first().and_then(|&p| family_of_nfproto(p)) {
+                self.out.family = Some(f);
             }
             return;
         }
@@ -352,14 +348,24 @@ fn contiguous(m: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::netlink::Writer;
-    use super::super::{
+    use super::super::encode::{
         expr_cmp_eq, expr_counter, expr_masq, expr_meta, expr_payload_nh, put_data_value, put_expr,
+        Field, IPV4_SADDR, IPV6_SADDR,
     };
+    use super::super::netlink::Writer;
     use super::*;
 
+    const NFPROTO_IPV4: u8 = 2; // Family::V4.nfproto(), as the kernel sends it
+    const NFPROTO_IPV6: u8 = 10; // Family::V6.nfproto()
+
     fn saddr_cmp(w: &mut Writer, prefix: &[u8], neq: bool) {
-        expr_payload_nh(w, 12, prefix.len() as u32);
+        expr_payload_nh(
+            w,
+            Field {
+                len: prefix.len() as u32,
+                ..IPV4_SADDR
+            },
+        );
         put_expr(w, "cmp", |w| {
             w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
             let op = if neq {
@@ -415,7 +421,7 @@ mod tests {
             (sys::NFT_CMP_GTE, [172, 7, 0, 0]),
             (sys::NFT_CMP_LTE, [172, 7, 255, 255]),
         ] {
-            expr_payload_nh(&mut w, 12, 4);
+            expr_payload_nh(&mut w, IPV4_SADDR);
             put_expr(&mut w, "cmp", |w| {
                 w.put_be32(a(sys::NFTA_CMP_SREG), sys::NFT_REG_1);
                 w.put_be32(a(sys::NFTA_CMP_OP), op);
@@ -428,7 +434,7 @@ mod tests {
         assert!(d.text.join(" ").contains(">= 172.7.0.0/32"), "{:?}", d.text);
         // ip saddr & 0.0.0.255 == 0.0.0.5 masquerade (not a prefix)
         let mut w = Writer::default();
-        expr_payload_nh(&mut w, 12, 4);
+        expr_payload_nh(&mut w, IPV4_SADDR);
         put_expr(&mut w, "bitwise", |w| {
             put_data_value(w, a(sys::NFTA_BITWISE_MASK), &[0, 0, 0, 255]);
             put_data_value(w, a(sys::NFTA_BITWISE_XOR), &[0, 0, 0, 0]);
@@ -439,7 +445,7 @@ mod tests {
         assert_eq!(d.source, SourceMatch::Unknown, "{:?}", d.text);
         // A contiguous mask is a prefix: ip saddr & 255.255.240.0 == 10.0.16.0
         let mut w = Writer::default();
-        expr_payload_nh(&mut w, 12, 4);
+        expr_payload_nh(&mut w, IPV4_SADDR);
         put_expr(&mut w, "bitwise", |w| {
             put_data_value(w, a(sys::NFTA_BITWISE_MASK), &[255, 255, 240, 0]);
             put_data_value(w, a(sys::NFTA_BITWISE_XOR), &[0, 0, 0, 0]);
@@ -490,7 +496,7 @@ mod tests {
         let mut w = Writer::default();
         expr_meta(&mut w, sys::NFT_META_NFPROTO);
         expr_cmp_eq(&mut w, &[NFPROTO_IPV6]);
-        expr_payload_nh(&mut w, 8, 16);
+        expr_payload_nh(&mut w, IPV6_SADDR);
         put_expr(&mut w, "lookup", |w| {
             w.put_str(a(sys::NFTA_LOOKUP_SET), "pods");
             w.put_be32(a(sys::NFTA_LOOKUP_SREG), sys::NFT_REG_1);

@@ -11,9 +11,9 @@
 use anyhow::{Context, Result};
 use rustables::sys;
 
+use super::model::{CHAIN, TABLE};
 use super::netlink::{NlError, Socket};
 use super::{a, list_ranges, NFPROTO_INET};
-use crate::plan::TABLE;
 use crate::policy::{contains, Family, Range};
 
 /// What a lookup found.
@@ -115,7 +115,7 @@ fn get_element(
         w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
         w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), set);
         let list = w.nest_begin(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS));
-        super::element(w, f, key, end);
+        super::encode::element(w, f, key, end);
         w.nest_end(list);
     }) {
         Ok(m) => m,
@@ -146,13 +146,11 @@ fn first_element(msgs: &[super::netlink::Msg], f: Family) -> Option<(u128, bool)
 /// The rules of masqd's chain as (handle, comment), in order. Equals
 /// `nft -a list chain inet masqd postrouting`.
 pub fn masqd_chain(sock: &mut Socket) -> Result<Vec<crate::explain::ChainRule>> {
-    Ok(
-        super::list_rules(sock, NFPROTO_INET, TABLE, crate::plan::CHAIN)?
-            .into_iter()
-            .map(|r| crate::explain::ChainRule {
-                handle: r.handle,
-                comment: r.comment,
-            })
-            .collect(),
-    )
+    Ok(super::list_rules(sock, NFPROTO_INET, TABLE, CHAIN)?
+        .into_iter()
+        .map(|r| crate::explain::ChainRule {
+            handle: r.handle,
+            comment: r.comment,
+        })
+        .collect())
 }

@@ -1,0 +1,280 @@
+//! The nft planner: Policy × Observed → Changes for the nftables layout of design.md §3, and
+//! the set diff. Pure and deterministic.
+//!
+//! The chain runs at `srcnat - 1`, before every other NAT chain at the postrouting hook
+//! (iptables-nft's `ip nat`, legacy xtables, Docker's, flannel's, kube-proxy's — all at
+//! srcnat). The kernel's NAT core calls those chains only until one of them sets up a binding
+//! for the connection; an identity source NAT (`snat ip to ip saddr`) sets one up that changes
+//! nothing, so an excepted connection keeps its source whatever other masquerade rules exist
+//! (design.md §3.1). A `return` would let a later chain masquerade it.
+//!
+//! The skeleton (table, base chain, rules) is fixed; the data (set elements) is dynamic. Rules
+//! carry a comment tag (`masqd:…`) naming what they are, so the observed skeleton is compared by
+//! tag: any difference (a rule edited, added, removed or reordered by someone else, a bridge
+//! added, `random_fully` toggled, a family appearing) rebuilds the rules of the chain — inside
+//! the same transaction, never by deleting the chain or the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::policy::{Family, Policy, Range};
+
+pub use super::model::*;
+
+/// The rules masqd's chain must hold, in order: bridges return, honoured marks return, then
+/// per family the guard and the masquerade (the latter only for families whose policy lives
+/// in nftables, not for guard-only ones). The bridge return precedes the guard in legacy mode
+/// too: traffic leaving through a bridge (hairpin to a published port) is untouched, so a
+/// hairpin masquerade of another component still applies.
+pub fn desired_rules(p: &Policy) -> Vec<RuleSpec> {
+    let mut rules: Vec<RuleSpec> = Vec::new();
+    if Family::ALL.into_iter().any(|f| p.family(f).is_some()) {
+        rules.extend(p.bridges.iter().map(|b| RuleSpec::BridgeReturn(b.clone())));
+        rules.extend(p.honor_marks.iter().map(|m| RuleSpec::MarkReturn(*m)));
+    }
+    for f in Family::ALL {
+        if p.family(f).is_some() {
+            rules.push(RuleSpec::Guard(f));
+        }
+        if p.is_full(f) {
+            rules.push(RuleSpec::Masquerade {
+                family: f,
+                random_fully: p.random_fully,
+            });
+        }
+    }
+    rules
+}
+
+/// The sets masqd's table must hold: name → (family, ranges).
+pub fn desired_sets(p: &Policy) -> BTreeMap<String, (Family, Vec<Range>)> {
+    let mut sets = BTreeMap::new();
+    for f in Family::ALL {
+        if let Some(fp) = p.family(f) {
+            sets.insert(pod_set(f), (f, fp.pod.clone()));
+            sets.insert(nomasq_set(f), (f, fp.nomasq.clone()));
+        }
+    }
+    sets
+}
+
+/// Ranges only in `have` (to delete) and only in `want` (to add), comparing whole ranges.
+/// Linear when both are sorted (as kernel dumps and policies are); sorts copies otherwise.
+pub fn diff_sorted(have: &[Range], want: &[Range]) -> (Vec<Range>, Vec<Range>) {
+    let sorted = |v: &[Range]| v.windows(2).all(|w| w[0] <= w[1]);
+    if !sorted(have) || !sorted(want) {
+        let mut h = have.to_vec();
+        let mut w = want.to_vec();
+        h.sort();
+        w.sort();
+        return diff_sorted(&h, &w);
+    }
+    let (mut del, mut add) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < have.len() || j < want.len() {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) if h == w => {
+                i += 1;
+                j += 1;
+            }
+            (Some(h), Some(w)) if h < w => {
+                del.push(*h);
+                i += 1;
+            }
+            (Some(_), Some(w)) => {
+                add.push(*w);
+                j += 1;
+            }
+            (Some(h), None) => {
+                del.push(*h);
+                i += 1;
+            }
+            (None, Some(w)) => {
+                add.push(*w);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (del, add)
+}
+
+/// The broad default rules that the policy replaces: source exactly one of the node's pod
+/// CIDRs (as configured or aggregated), in the same family.
+pub fn default_rules_to_remove<'a>(
+    p: &Policy,
+    observed: &'a [ForeignRule],
+) -> Vec<&'a ForeignRule> {
+    if !p.replace_default_rule {
+        return Vec::new();
+    }
+    observed
+        .iter()
+        .filter(|r| {
+            Family::of(&r.saddr) == r.table_family && p.default_rule_cidrs.contains(&r.saddr)
+        })
+        .collect()
+}
+
+/// The sets wanted: name → (family, ranges).
+type WantSets = BTreeMap<String, (Family, Vec<Range>)>;
+
+/// Computes the changes that make the kernel match the policy. Empty when in sync.
+pub fn plan(p: &Policy, o: &Observed) -> Vec<Change> {
+    let mut out = Vec::new();
+    if p.v4.is_none() && p.v6.is_none() {
+        // Nothing of the policy lives in nftables: masqd's table goes, default rules still do.
+        if o.table.is_some() {
+            out.push(Change::DeleteTable);
+        }
+        push_default_rules(&mut out, p, o);
+        return out;
+    }
+    let want_sets = desired_sets(p);
+    let want_rules = desired_rules(p);
+
+    let empty = ObservedTable::default();
+    let table = match &o.table {
+        Some(t) => t,
+        None => {
+            out.push(Change::AddTable);
+            &empty
+        }
+    };
+
+    // 1. Chains that are not masqd's: flush them first (they may reference sets).
+    for c in &table.other_chains {
+        out.push(Change::FlushChain(c.clone()));
+    }
+
+    // 2. The base chain: rebuilt when its rules differ, or a set must go (a set of the wrong
+    // shape is recreated, which needs the rules referencing it gone).
+    let (stale, recreate) = sets_to_drop(table, &want_sets);
+    let rebuild = rules_differ(table, &want_rules) || !stale.is_empty() || !recreate.is_empty();
+    push_chain_changes(&mut out, table, rebuild);
+    for c in &table.other_chains {
+        out.push(Change::DeleteChain(c.clone()));
+    }
+
+    // 3. Sets.
+    for name in stale.iter().chain(recreate.iter()) {
+        out.push(Change::DeleteSet(name.clone()));
+    }
+    push_set_changes(&mut out, table, &want_sets, &recreate);
+
+    // 4. Rules.
+    if rebuild {
+        out.extend(want_rules.into_iter().map(Change::AddRule));
+    }
+
+    // 5. The broad default rules.
+    push_default_rules(&mut out, p, o);
+    out
+}
+
+/// The broad default rules to remove (design.md §5), after everything else.
+fn push_default_rules(out: &mut Vec<Change>, p: &Policy, o: &Observed) {
+    for r in default_rules_to_remove(p, &o.foreign) {
+        out.push(Change::RemoveDefaultRule(r.clone()));
+    }
+}
+
+/// Whether the base chain's rules must be rebuilt: it is missing or broken, or its rules'
+/// tags are not the wanted ones in the wanted order.
+fn rules_differ(table: &ObservedTable, want_rules: &[RuleSpec]) -> bool {
+    match &table.chain {
+        None => true,
+        Some(ch) if !ch.base_ok => true,
+        Some(ch) => {
+            let have: Vec<Option<&str>> = ch.rules.iter().map(|r| r.comment.as_deref()).collect();
+            let want: Vec<String> = want_rules.iter().map(RuleSpec::tag).collect();
+            have.len() != want.len()
+                || have
+                    .iter()
+                    .zip(want.iter())
+                    .any(|(h, w)| *h != Some(w.as_str()))
+        }
+    }
+}
+
+/// Sets to delete: those not wanted (stale), and those of the wrong shape or unreadable
+/// (recreated).
+fn sets_to_drop(table: &ObservedTable, want_sets: &WantSets) -> (Vec<String>, BTreeSet<String>) {
+    let mut recreate: BTreeSet<String> = BTreeSet::new();
+    let mut stale: Vec<String> = Vec::new();
+    for (name, s) in &table.sets {
+        match want_sets.get(name) {
+            None => stale.push(name.clone()),
+            Some((fam, _)) => {
+                if s.family != Some(*fam) || !s.interval || s.ranges.is_none() {
+                    recreate.insert(name.clone());
+                }
+            }
+        }
+    }
+    (stale, recreate)
+}
+
+/// The base chain: recreated when broken (flushed first: never by deleting the table), its
+/// rules deleted by handle when they are rebuilt, added when missing.
+fn push_chain_changes(out: &mut Vec<Change>, table: &ObservedTable, rebuild: bool) {
+    match &table.chain {
+        Some(ch) if !ch.base_ok => {
+            out.push(Change::FlushChain(CHAIN.to_string()));
+            out.push(Change::DeleteChain(CHAIN.to_string()));
+            out.push(Change::AddChain);
+        }
+        Some(ch) if rebuild => {
+            for r in &ch.rules {
+                out.push(Change::DeleteRule {
+                    handle: r.handle,
+                    comment: r.comment.clone(),
+                });
+            }
+        }
+        Some(_) => {}
+        None => out.push(Change::AddChain),
+    }
+}
+
+/// Sets added where missing (or recreated), element deletions, then all element additions
+/// (after every deletion, so that an interval can move between adjacent ranges).
+fn push_set_changes(
+    out: &mut Vec<Change>,
+    table: &ObservedTable,
+    want_sets: &WantSets,
+    recreate: &BTreeSet<String>,
+) {
+    let mut adds = Vec::new();
+    for (name, (fam, ranges)) in want_sets {
+        let observed = table.sets.get(name).filter(|_| !recreate.contains(name));
+        let (del, add) = match observed {
+            None => {
+                out.push(Change::AddSet {
+                    name: name.clone(),
+                    family: *fam,
+                });
+                (Vec::new(), ranges.clone())
+            }
+            // Unreadable sets are in `recreate`, so never observed here.
+            Some(s) => match &s.ranges {
+                None => continue,
+                Some(have) => diff_sorted(have, ranges),
+            },
+        };
+        if !del.is_empty() {
+            out.push(Change::DeleteElements {
+                set: name.clone(),
+                family: *fam,
+                ranges: del,
+            });
+        }
+        if !add.is_empty() {
+            adds.push(Change::AddElements {
+                set: name.clone(),
+                family: *fam,
+                ranges: add,
+            });
+        }
+    }
+    out.extend(adds);
+}
