@@ -49,6 +49,13 @@ pub struct NatRule {
     pub text: String,
 }
 
+impl NatRule {
+    /// The backend the rule lives in, typed (None for a name this masqd does not know).
+    pub fn backend_kind(&self) -> Option<crate::backend::Backend> {
+        crate::backend::Backend::from_name(self.backend)
+    }
+}
+
 /// A foreign NAT rule that can apply to the node's pod traffic, with what masqd does about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Overridden {
@@ -117,7 +124,7 @@ pub fn overridden(
             out.push(Overridden {
                 backend: r.backend.to_string(),
                 ip_family: f.to_string(),
-                table: if r.backend == "nft" {
+                table: if r.backend_kind() == Some(crate::backend::Backend::Nft) {
                     format!("{} {}", r.table_family, r.table)
                 } else {
                     r.table.clone()

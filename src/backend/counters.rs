@@ -1,0 +1,89 @@
+//! The status counters of masqd's own rules, per family, from a driver's observation: rules
+//! are told apart by identity (nftables: the rules' `masqd:…` comment tags; legacy: the rule
+//! of masqd's chain), and nat chains see only a connection's first packet, so they count
+//! connections.
+
+use std::collections::BTreeMap;
+
+use super::{LegacyObserved, Observed};
+use crate::policy::Family;
+
+/// One family's counters in one backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Intervals per nftables set (`pod4`, `nomasq4`), rules of the legacy chain
+    /// (`legacy-chain`).
+    pub sets: BTreeMap<String, usize>,
+    /// Connections masqueraded by masqd's masquerade rule.
+    pub masqueraded: u64,
+    /// Connections to an exception kept with the pod's address (the guard's identity SNAT, or
+    /// a legacy RETURN rule).
+    pub kept: u64,
+}
+
+/// The sets and rule counters of masqd's nftables table for `f` (by the sets' names and the
+/// rules' `masqd:…` tags); None without the table. Equals `nft list table inet masqd`.
+pub fn nft(o: &Observed, f: Family) -> Option<Counters> {
+    let t = o.table.as_ref()?;
+    let mut c = Counters::default();
+    for name in super::set_names(f) {
+        if let Some(s) = t.sets.get(&name) {
+            c.sets.insert(name, s.ranges.as_ref().map_or(0, Vec::len));
+        }
+    }
+    let Some(ch) = &t.chain else { return Some(c) };
+    let masquerade = format!("masqd:masquerade:{}", f.digit());
+    let guard = format!("masqd:guard:{}", f.digit());
+    for r in &ch.rules {
+        let tag = r.comment.as_deref().unwrap_or_default();
+        let n = r.packets.unwrap_or(0);
+        if tag.starts_with(&masquerade) {
+            c.masqueraded += n;
+        } else if tag == guard {
+            c.kept += n;
+        }
+    }
+    Some(c)
+}
+
+/// The rules and counters of masqd's legacy chain; None without the chain. (Where the guard
+/// runs, it claims the excepted connections first and the RETURN rules count none.) Equals
+/// `iptables-legacy-save -c -t nat`, masqd's chain.
+pub fn legacy(lo: &LegacyObserved) -> Option<Counters> {
+    if !lo.chain_exists {
+        return None;
+    }
+    let mut c = Counters::default();
+    c.sets.insert("legacy-chain".into(), lo.chain_rules.len());
+    for (rule, n) in lo.chain_rules.iter().zip(&lo.chain_packets) {
+        if rule.ends_with("-j MASQUERADE") || rule.contains("-j MASQUERADE ") {
+            c.masqueraded += n;
+        } else if rule.contains(" -d ") && rule.ends_with("-j RETURN") {
+            c.kept += n;
+        }
+    }
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_counters_by_rule() {
+        let lo = LegacyObserved {
+            chain_exists: true,
+            chain_rules: vec![
+                "-A MASQD-POSTROUTING -o docker0 -j RETURN".into(),
+                "-A MASQD-POSTROUTING -s 172.7.21.0/24 -d 172.7.0.0/16 -j RETURN".into(),
+                "-A MASQD-POSTROUTING -s 172.7.21.0/24 -j MASQUERADE".into(),
+            ],
+            chain_packets: vec![100, 5, 9],
+            ..LegacyObserved::default()
+        };
+        let c = legacy(&lo).expect("chain");
+        assert_eq!((c.kept, c.masqueraded), (5, 9));
+        assert_eq!(c.sets.get("legacy-chain"), Some(&3));
+        assert_eq!(legacy(&LegacyObserved::default()), None);
+    }
+}

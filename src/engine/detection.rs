@@ -1,0 +1,138 @@
+//! Detection for the engine: the facts of both families gathered through the drivers, the
+//! decision of each (design.md §4), and where its guard lives.
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+
+use crate::backend::{Backend, Driver, LegacyDriver, NftDriver, Socket};
+use crate::backend::{CHAIN, CHAIN_PRIORITY_NFT, TABLE};
+use crate::config::{self, Config};
+use crate::detect::{self, Decision, Facts};
+use crate::policy::{Family, Policy};
+
+/// Facts and decision of each family.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detection {
+    /// IPv4.
+    pub ipv4: FamilyDetection,
+    /// IPv6.
+    pub ipv6: FamilyDetection,
+}
+
+/// Facts and decision of one family.
+#[derive(Debug, Clone, Serialize)]
+pub struct FamilyDetection {
+    /// Chosen backend.
+    pub backend: Backend,
+    /// Why.
+    pub reason: String,
+    /// Where the guard of this family lives (design.md §3.1, §3.2), or why it has none.
+    pub guard: String,
+    /// What was found.
+    pub facts: Facts,
+}
+
+impl FamilyDetection {
+    /// Whether masqd keeps the guard of this family in nftables.
+    pub fn has_guard(&self) -> bool {
+        !self.facts.nft_unavailable
+    }
+}
+
+pub(super) fn guard_text(backend: Backend, nft_available: bool) -> String {
+    match (backend, nft_available) {
+        (_, false) => "unavailable: the kernel answers no nf_tables requests, so exceptions are \
+                       enforced by RETURN rules only and a masquerade rule that runs first \
+                       (another daemon's) wins"
+            .to_string(),
+        (Backend::Nft, true) => format!(
+            "identity SNAT in table inet {} chain {} (priority {})",
+            TABLE, CHAIN, CHAIN_PRIORITY_NFT
+        ),
+        (Backend::Legacy, true) => format!(
+            "identity SNAT in table inet {} chain {} (priority {}), in front of the policy in \
+             legacy xtables",
+            TABLE, CHAIN, CHAIN_PRIORITY_NFT
+        ),
+    }
+}
+
+impl Detection {
+    /// The detection of a family.
+    pub fn family(&self, f: Family) -> &FamilyDetection {
+        match f {
+            Family::V4 => &self.ipv4,
+            Family::V6 => &self.ipv6,
+        }
+    }
+
+    /// Families whose backend is `b`.
+    pub fn families(&self, b: Backend) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.family(*f).backend == b)
+            .collect()
+    }
+}
+
+/// Runs detection for both families. A family without pod CIDRs whose legacy side cannot be
+/// inspected is reported, not fatal; one with pod CIDRs is an error that says how to fix it.
+pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
+    let mut nft = NftDriver::new(sock, None);
+    detect_with(cfg.mode, policy, &mut nft)
+}
+
+/// [`detect`] with the nftables facts from `nft` (the kernel's driver, or a fake).
+pub fn detect_with(
+    mode: config::BackendMode,
+    policy: &Policy,
+    nft: &mut dyn Driver,
+) -> Result<Detection> {
+    let mut legacy = LegacyDriver::default();
+    let mut gather = |f: Family| detect::gather_from(f, &mut [&mut legacy, &mut *nft]);
+    let v4 = gather(Family::V4).context("detecting the ipv4 backend")?;
+    let v6 = gather(Family::V6).context("detecting the ipv6 backend")?;
+    let decisions = detect::decide_both(mode, [&v4, &v6]);
+    let mut out = Vec::new();
+    for ((f, facts), d) in Family::ALL.into_iter().zip([v4, v6]).zip(decisions) {
+        let d = match d {
+            Ok(d) => d,
+            Err(e) if policy.family(f).is_none() => Decision {
+                backend: Backend::Nft,
+                reason: format!("no {f} pod CIDRs, so nothing to install ({e})"),
+            },
+            Err(e) => return Err(anyhow!(e)),
+        };
+        out.push(FamilyDetection {
+            backend: d.backend,
+            reason: d.reason,
+            guard: guard_text(d.backend, !facts.nft_unavailable),
+            facts,
+        });
+    }
+    let ipv6 = out
+        .pop()
+        .ok_or_else(|| anyhow!("internal: no IPv6 detection"))?;
+    let ipv4 = out
+        .pop()
+        .ok_or_else(|| anyhow!("internal: no IPv4 detection"))?;
+    Ok(Detection { ipv4, ipv6 })
+}
+
+/// Runs detection for both families with no configuration (`masqd detect` without a config
+/// file): `backend.mode = "auto"` and no policy, so a family whose legacy side cannot be
+/// inspected is reported, not fatal.
+pub fn detect_without_policy(sock: &mut Socket) -> Result<Detection> {
+    let mut nft = NftDriver::new(sock, None);
+    let none = Policy {
+        v4: None,
+        v6: None,
+        bridges: Vec::new(),
+        random_fully: false,
+        replace_default_rule: true,
+        default_rule_cidrs: Vec::new(),
+        honor_marks: Vec::new(),
+        guard_only: Vec::new(),
+    };
+    detect_with(config::BackendMode::Auto, &none, &mut nft)
+}
