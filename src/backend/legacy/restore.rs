@@ -138,8 +138,10 @@ pub fn record_of(f: Family, spec: &str, saddr: &IpNet, oif: &Option<String>) -> 
 /// interface, and can be written in restore's notation. Returns the family and the rule in
 /// iptables-restore's notation ([`quote_rule`]), or why not.
 pub fn replayable(rec: &RemovedRule) -> Result<(Family, String), String> {
-    let f = Family::from_nft_keyword(&rec.family)
-        .ok_or_else(|| format!("unknown family {:?}", rec.family))?;
+    let f = rec
+        .family
+        .known()
+        .ok_or_else(|| format!("unknown family {:?}", rec.family.as_str()))?;
     if rec.backend != "legacy" || rec.table != "nat" || rec.chain != "POSTROUTING" {
         return Err(format!(
             "not a rule of legacy nat POSTROUTING ({} {} {})",

@@ -46,8 +46,10 @@ pub struct Replay {
 /// expressions still decode as the broad default rule ([`match_default_rule`]) for the record's
 /// source CIDR and interface. Returns the family and the raw bytes, or why not.
 pub fn replayable(rec: &RemovedRule) -> Result<Replay, String> {
-    let f = Family::from_nft_keyword(&rec.family)
-        .ok_or_else(|| format!("unknown family {:?}", rec.family))?;
+    let f = rec
+        .family
+        .known()
+        .ok_or_else(|| format!("unknown family {:?}", rec.family.as_str()))?;
     if rec.backend != "nft" || rec.table != "nat" || rec.chain != "POSTROUTING" {
         return Err(format!(
             "not a rule of {} nat POSTROUTING ({} {} {})",
