@@ -331,7 +331,7 @@ impl Plan {
             .collect();
         let removing = |r: &NatRule| {
             let Some(f) = r.family else { return false };
-            if r.backend_kind() == Some(Backend::Nft) {
+            if r.backend == Backend::Nft {
                 return r.table_family == f.nft_keyword()
                     && removed_nft.iter().any(|(rf, t, c, h)| {
                         *rf == f && *t == r.table && *c == r.chain && *h == r.handle

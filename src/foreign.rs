@@ -28,8 +28,8 @@ pub enum SourceMatch {
 /// A source NAT rule (masquerade or snat) found in a table masqd does not own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatRule {
-    /// `nft` or `legacy`.
-    pub backend: &'static str,
+    /// Where the rule lives.
+    pub backend: crate::backend::Backend,
     /// Address family the rule applies to; None for an inet rule without a family match.
     pub family: Option<Family>,
     /// Family of its table as nft names it (`ip`, `ip6`, `inet`).
@@ -49,18 +49,11 @@ pub struct NatRule {
     pub text: String,
 }
 
-impl NatRule {
-    /// The backend the rule lives in, typed (None for a name this masqd does not know).
-    pub fn backend_kind(&self) -> Option<crate::backend::Backend> {
-        crate::backend::Backend::from_name(self.backend)
-    }
-}
-
 /// A foreign NAT rule that can apply to the node's pod traffic, with what masqd does about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Overridden {
-    /// `nft` or `legacy`.
-    pub backend: String,
+    /// Where the rule lives (`nft` or `legacy` in JSON).
+    pub backend: crate::backend::Backend,
     /// `ipv4` or `ipv6`.
     pub ip_family: String,
     /// Table (with its nft family, e.g. `ip docker-bridges`; legacy: `nat`).
@@ -103,12 +96,12 @@ pub fn overridden(
             if !applies(&r.source, &fp.pod_cidrs) {
                 continue;
             }
-            let reason = if r.priority <= crate::plan::CHAIN_PRIORITY {
+            let reason = if r.priority <= crate::backend::CHAIN_PRIORITY {
                 format!(
                     "NOT overridden: it runs at priority {}, not after masqd's guard ({}), so it \
                      can masquerade excepted pod traffic",
                     r.priority,
-                    crate::plan::CHAIN_PRIORITY_NFT
+                    crate::backend::CHAIN_PRIORITY_NFT
                 )
             } else if removing(r) {
                 "the broad default rule for this node's pod CIDRs: masqd removes it (recorded \
@@ -122,9 +115,9 @@ pub fn overridden(
                     .to_string()
             };
             out.push(Overridden {
-                backend: r.backend.to_string(),
+                backend: r.backend,
                 ip_family: f.to_string(),
-                table: if r.backend_kind() == Some(crate::backend::Backend::Nft) {
+                table: if r.backend == crate::backend::Backend::Nft {
                     format!("{} {}", r.table_family, r.table)
                 } else {
                     r.table.clone()
@@ -169,7 +162,7 @@ mod tests {
 
     fn rule(family: Option<Family>, source: SourceMatch) -> NatRule {
         NatRule {
-            backend: "nft",
+            backend: crate::backend::Backend::Nft,
             family,
             table_family: "ip".into(),
             table: "docker-bridges".into(),

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use masqd::backend::nft::netlink::{Socket, Transaction, NLM_F_CREATE};
+use masqd::netlink::{Socket, Transaction, NLM_F_CREATE};
 use rustables::sys;
 use serde_json::Value;
 

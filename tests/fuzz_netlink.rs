@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use masqd::backend::nft::foreign::decode;
 use masqd::backend::nft::match_default_rule;
-use masqd::backend::nft::netlink::{fuzz_datagram, split, Attrs};
+use masqd::netlink::{fuzz_datagram, split, Attrs};
 use masqd::policy::Family;
 
 /// NFTA_RULE_EXPRESSIONS.

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use masqd::backend::legacy::{self, LegacyObserved};
+use masqd::backend::nft::plan::{self, Observed};
 use masqd::config;
-use masqd::plan::{self, Observed};
 use masqd::policy::{Family, Policy};
 
 fn corpus(parser: &str) -> Vec<Vec<u8>> {

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::nft::netlink::{NlError, ERESTART};
 use super::{Applied, Backend, Change, Changes, Driver, Mute, Observation, Observed, Restored};
+use crate::backend::nft::plan::{
+    ForeignRule, ObservedChain, ObservedRule, ObservedSet, ObservedTable,
+};
 use crate::detect::Facts;
 use crate::foreign::NatRule;
-use crate::plan::{ForeignRule, ObservedChain, ObservedRule, ObservedSet, ObservedTable};
+use crate::netlink::{NlError, ERESTART};
 use crate::policy::{Family, Policy};
 use crate::state::RemovedRule;
 
@@ -295,7 +297,7 @@ impl Driver for FakeDriver {
 
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
         match observed {
-            Observation::Nft(o) => Changes::Nft(crate::plan::plan(policy, o)),
+            Observation::Nft(o) => Changes::Nft(crate::backend::nft::plan::plan(policy, o)),
             Observation::Legacy(_) => Changes::Nft(Vec::new()),
         }
     }

@@ -11,14 +11,12 @@
 //!
 //! The legacy-mode guard of design.md §3.2 is a composition: a [`DriverSet`] holds the nft
 //! driver with only the guard part of the policy behind the legacy driver holding the policy.
-//! Native nftables lives in [`nft`] (glue: [`nft_driver`]), legacy xtables in [`legacy`]
-//! (glue: [`legacy_driver`]). Which one a family uses is decided by [`crate::detect`].
+//! Native nftables lives in [`nft`] (its driver: [`nft::driver`]), legacy xtables in [`legacy`]
+//! ([`legacy::driver`]). Which one a family uses is decided by [`crate::detect`].
 pub mod counters;
 pub mod fake;
 pub mod legacy;
-pub mod legacy_driver;
 pub mod nft;
-pub mod nft_driver;
 
 use std::collections::BTreeMap;
 
@@ -30,11 +28,13 @@ use crate::foreign::NatRule;
 use crate::policy::{Family, Policy};
 use crate::state::RemovedRule;
 
-pub use crate::plan::{Change, ForeignRule, Observed, CHAIN, CHAIN_PRIORITY_NFT, TABLE};
+pub use crate::backend::nft::plan::{
+    Change, ForeignRule, Observed, CHAIN, CHAIN_PRIORITY, CHAIN_PRIORITY_NFT, TABLE,
+};
+pub use legacy::driver::LegacyDriver;
 pub use legacy::{LegacyObserved, LegacyPlan};
-pub use legacy_driver::LegacyDriver;
+pub use nft::driver::NftDriver;
 pub use nft::{netlink::Socket, SetCache};
-pub use nft_driver::NftDriver;
 
 /// A backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -98,9 +98,9 @@ pub const RESTART_ATTEMPTS: u32 = 5;
 /// which the work is planned again.
 pub fn is_generation_change(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<nft::netlink::NlError>()
+        c.downcast_ref::<crate::netlink::NlError>()
             .and_then(|n| n.errno())
-            == Some(nft::netlink::ERESTART)
+            == Some(crate::netlink::ERESTART)
     })
 }
 
@@ -295,10 +295,13 @@ impl<D: Driver + ?Sized> Driver for &mut D {
 
 /// The broad default rules for the pod CIDRs still present in nftables (`ip`/`ip6 nat`).
 pub fn default_rules_present(policy: &Policy, observed: &Observed) -> usize {
-    crate::plan::default_rules_to_remove(policy, &observed.foreign).len()
+    crate::backend::nft::plan::default_rules_to_remove(policy, &observed.foreign).len()
 }
 
 /// The names of masqd's nftables sets of a family (`pod4`, `nomasq4`).
 pub fn set_names(f: Family) -> [String; 2] {
-    [crate::plan::pod_set(f), crate::plan::nomasq_set(f)]
+    [
+        crate::backend::nft::plan::pod_set(f),
+        crate::backend::nft::plan::nomasq_set(f),
+    ]
 }

@@ -94,7 +94,7 @@ pub fn overridden_text(list: &[Overridden]) -> String {
     }
     let mut s = String::from("other NAT rules for the pod CIDRs:\n");
     for o in list {
-        let handle = backend_calls::position(&o.backend, o.handle);
+        let handle = backend_calls::position(o.backend.name(), o.handle);
         s.push_str(&format!(
             "  {} {} {} {handle} ({}): {}\n",
             o.backend, o.table, o.chain, o.ip_family, o.rule

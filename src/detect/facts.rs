@@ -6,9 +6,9 @@ use anyhow::Result;
 
 use super::{Backend, Facts, HINT_CHAINS};
 use crate::backend::legacy;
-use crate::backend::nft::netlink::Socket;
 use crate::backend::{Driver, LegacyDriver, NftDriver};
 use crate::exec;
+use crate::netlink::Socket;
 use crate::policy::Family;
 
 pub(super) fn binary_list(f: Family) -> [&'static str; 6] {

@@ -70,7 +70,7 @@ fn run(query: &Query, edit: impl FnOnce(&mut Kernel)) -> Explanation {
 
 fn foreign(priority: i32, source: SourceMatch, text: &str) -> NatRule {
     NatRule {
-        backend: "nft",
+        backend: crate::backend::Backend::Nft,
         family: Some(Family::V4),
         table_family: "ip".into(),
         table: "docker-bridges".into(),

@@ -156,7 +156,7 @@ fn http_answers() {
 
 fn overridden(backend: &str, table: &str, handle: u64, reason: &str) -> crate::foreign::Overridden {
     crate::foreign::Overridden {
-        backend: backend.into(),
+        backend: crate::backend::Backend::from_name(backend).expect("nft or legacy"),
         ip_family: "ipv4".into(),
         table: table.into(),
         chain: "POSTROUTING".into(),

@@ -20,6 +20,7 @@
 //! --format iptables`), [`runner`] (the seam to the binaries, with a fake for tests).
 //! Everything is re-exported here under its old path.
 
+pub mod driver;
 pub mod export;
 pub mod observe;
 pub mod plan;

@@ -110,7 +110,7 @@ pub fn nat_rules(f: Family, o: &LegacyObserved) -> Vec<crate::foreign::NatRule> 
             }
         }
         out.push(NatRule {
-            backend: "legacy",
+            backend: crate::backend::Backend::Legacy,
             family: Some(f),
             table_family: f.nft_keyword().into(),
             table: "nat".into(),

@@ -50,7 +50,7 @@ pub fn nat_rules(sock: &mut Socket) -> Result<Vec<NatRule>> {
         if let Some(d) = decode(m.family, list.data) {
             out.push(NatRule {
                 priority,
-                backend: "nft",
+                backend: crate::backend::Backend::Nft,
                 family: d.family,
                 table_family: family_name(m.family).to_string(),
                 table: table.to_string(),

@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod decode;
+pub mod driver;
 pub mod encode;
 pub mod export;
 pub mod facts;

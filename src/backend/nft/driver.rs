@@ -5,11 +5,12 @@ use std::borrow::BorrowMut;
 
 use anyhow::{anyhow, Context, Result};
 
-use super::nft::{self, netlink::Socket, SetCache};
-use super::{Applied, Backend, Change, Changes, Driver, Mute, Observation, Restored};
-use super::{Observed, QUIET_ELEMENTS};
+use crate::backend::nft::{self, SetCache};
+use crate::backend::{Applied, Backend, Change, Changes, Driver, Mute, Observation, Restored};
+use crate::backend::{Observed, QUIET_ELEMENTS};
 use crate::detect::{Facts, HINT_CHAINS};
 use crate::foreign::NatRule;
+use crate::netlink::Socket;
 use crate::policy::{Family, Policy};
 use crate::state::RemovedRule;
 
@@ -73,7 +74,7 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
 
     fn restore_available(&mut self, good: &[&RemovedRule], out: &mut Restored) {
         let sock = self.sock.borrow_mut();
-        let res = super::retry_on_generation_change(
+        let res = crate::backend::retry_on_generation_change(
             "nftables ruleset changed while restoring; restoring again",
             |_| nft::restore_rules(sock, good),
         );
@@ -181,7 +182,7 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
 
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
         match observed {
-            Observation::Nft(o) => Changes::Nft(crate::plan::plan(policy, o)),
+            Observation::Nft(o) => Changes::Nft(crate::backend::nft::plan::plan(policy, o)),
             Observation::Legacy(_) => Changes::Nft(Vec::new()),
         }
     }
@@ -253,16 +254,19 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
         }
         let sock = self.sock.borrow_mut();
         let existed = nft::own_table_exists(sock)?;
-        super::retry_on_generation_change(
+        crate::backend::retry_on_generation_change(
             "nftables ruleset changed while deleting masqd's table; deleting again",
             |_| Ok(nft::delete_own_table(sock)?),
         )
         .context("deleting table inet masqd")?;
         if nft::own_table_exists(sock)? {
-            return Err(anyhow!("table inet {} is still there", super::TABLE));
+            return Err(anyhow!(
+                "table inet {} is still there",
+                crate::backend::TABLE
+            ));
         }
         Ok(if existed {
-            vec![format!("table inet {}", super::TABLE)]
+            vec![format!("table inet {}", crate::backend::TABLE)]
         } else {
             Vec::new()
         })

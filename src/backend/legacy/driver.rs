@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 
-use super::legacy::{self, Binaries, LegacyObserved};
-use super::{Applied, Backend, Changes, Driver, Mute, Observation, Restored};
+use crate::backend::legacy::{self, Binaries, LegacyObserved};
+use crate::backend::{Applied, Backend, Changes, Driver, Mute, Observation, Restored};
 use crate::detect::Facts;
 use crate::foreign::NatRule;
 use crate::policy::{Family, Policy};
