@@ -17,6 +17,7 @@
 //! its contribution merged in [`combine`]; its path pushed by [`watch_paths`].
 
 mod flannel;
+pub mod ip_masq_agent;
 mod list;
 mod toml;
 mod validate;
@@ -98,6 +99,9 @@ pub struct Config {
     pub exception_origins: Vec<Origin>,
     /// `[metrics] listen`, when set (metrics are off by default).
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// ip-masq-agent's configuration file (`[node] ip_masq_agent_config` or
+    /// `--ip-masq-agent-config`), when used.
+    pub ip_masq_agent_config: Option<PathBuf>,
 }
 
 /// Most `honor_marks` entries accepted (each is one rule in the hot path).
@@ -298,6 +302,8 @@ struct Sources {
     list: Option<(Named, Vec<Origin>)>,
     /// `node.flannel_subnet_env` and what it gave ([`flannel`]).
     flannel: Option<(Named, SubnetEnv)>,
+    /// `node.ip_masq_agent_config` and what it gave ([`ip_masq_agent`]).
+    agent: Option<(Named, ip_masq_agent::AgentConfig)>,
 }
 
 /// [`load`] of configuration text already read: `path` is used in messages and to resolve the
@@ -315,6 +321,66 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let env = load_subnet_env(&named.path).map_err(|e| named.blame(e))?;
         sources.flannel = Some((named, env));
     }
+    if let Some(named) = toml.agent_config()? {
+        let agent = load_agent_file(&named.path).map_err(|e| named.blame(e))?;
+        sources.agent = Some((named, agent));
+    }
+    combine(&mut toml, sources)
+}
+
+/// Reads ip-masq-agent's file ([`ip_masq_agent::load`]: absent is the upstream defaults) and
+/// warns about each key upstream does not read.
+fn load_agent_file(path: &Path) -> Result<ip_masq_agent::AgentConfig, ConfigError> {
+    let agent = ip_masq_agent::load(path)?;
+    for k in &agent.unknown_keys {
+        tracing::warn!(
+            "{}: unknown key {k:?} ignored (ip-masq-agent reads {})",
+            path.display(),
+            "nonMasqueradeCIDRs, cidrLimit, masqLinkLocal, masqLinkLocalIPv6, resyncInterval"
+        );
+    }
+    Ok(agent)
+}
+
+/// Where `masqd run --ip-masq-agent-config` takes this node's pod CIDRs from when no
+/// `--pod-cidr` is given.
+pub const DEFAULT_FLANNEL_SUBNET_ENV: &str = "/run/flannel/subnet.env";
+
+/// The configuration without a masqd.toml: the exceptions and the resync interval from
+/// ip-masq-agent's file at `agent` (absent: upstream's defaults), the pod CIDRs from `pods`
+/// (`--pod-cidr`) or, when there are none, from flannel's subnet.env at `flannel` (its
+/// FLANNEL_NETWORK an exception too, as with `[node] flannel_subnet_env`); every other setting
+/// at its masqd.toml default. Errors name the agent file (or subnet.env) and the key.
+pub fn load_agent_mode(
+    agent: &Path,
+    pods: &[IpNet],
+    flannel: &Path,
+) -> Result<Config, ConfigError> {
+    let mut toml = self::toml::parse(agent, "")?;
+    let cli: Arc<Path> = Path::new("command line").into();
+    toml.pods = pods
+        .iter()
+        .map(|net| Origin {
+            net: *net,
+            file: cli.clone(),
+            line: None,
+            key: "--pod-cidr",
+        })
+        .collect();
+    let mut sources = Sources::default();
+    let named = |path: &Path, key| Named {
+        path: path.to_path_buf(),
+        key,
+        at: "command line".to_string(),
+    };
+    if pods.is_empty() {
+        let n = named(flannel, "flannel's subnet.env (no --pod-cidr given)");
+        let env = load_subnet_env(&n.path).map_err(|e| n.blame(e))?;
+        sources.flannel = Some((n, env));
+    }
+    let n = named(agent, "--ip-masq-agent-config");
+    let a = load_agent_file(&n.path)?;
+    sources.agent = Some((n, a));
     combine(&mut toml, sources)
 }
 
@@ -337,7 +403,12 @@ const CLUSTER_KEYS: [&str; 3] = [
 ];
 
 /// The keys whose CIDRs make [`Config::nonmasquerade_cidrs`].
-const NONMASQUERADE_KEYS: [&str; 2] = ["masquerade.nonmasquerade_cidrs", toml::LIST_KEY];
+const NONMASQUERADE_KEYS: [&str; 4] = [
+    "masquerade.nonmasquerade_cidrs",
+    toml::LIST_KEY,
+    ip_masq_agent::CIDR_KEY,
+    ip_masq_agent::LINK_LOCAL_KEY,
+];
 
 /// Pure: merges the TOML's own values with what the named files gave, then checks the whole
 /// (a pod CIDR exists, neither set covers a family) and the TOML's other keys, in that order.
@@ -352,6 +423,12 @@ fn combine(toml: &mut TomlSource, sources: Sources) -> Result<Config, ConfigErro
     let flannel_subnet_env = sources.flannel.map(|(named, env)| {
         pods.extend(env.subnet_origins);
         exceptions.extend(env.network_origins);
+        named.path
+    });
+    let mut agent_resync = None;
+    let agent_file = sources.agent.map(|(named, agent)| {
+        exceptions.extend(agent.origins(&named.path));
+        agent_resync = agent.resync_given.then_some(agent.resync_interval);
         named.path
     });
     if pods.is_empty() {
@@ -384,10 +461,11 @@ fn combine(toml: &mut TomlSource, sources: Sources) -> Result<Config, ConfigErro
         honor_marks: s.honor_marks,
         mode: s.mode,
         flannel_subnet_env,
-        resync_interval: s.resync_interval,
+        resync_interval: s.resync_interval.or(agent_resync),
         pod_origins: pods,
         exception_origins: exceptions,
         metrics: s.metrics,
+        ip_masq_agent_config: agent_file,
         path,
     })
 }
@@ -398,6 +476,11 @@ pub fn watch_paths(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
     let mut v = vec![config_path.to_path_buf()];
     v.extend(cfg.flannel_subnet_env.iter().cloned());
     v.extend(cfg.nonmasquerade_cidrs_file.iter().cloned());
+    for p in &cfg.ip_masq_agent_config {
+        if !v.contains(p) {
+            v.push(p.clone());
+        }
+    }
     v
 }
 

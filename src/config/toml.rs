@@ -22,6 +22,8 @@ use super::{
 pub const LIST_KEY: &str = "masquerade.nonmasquerade_cidrs_file";
 /// The key naming flannel's subnet.env.
 pub const ENV_KEY: &str = "node.flannel_subnet_env";
+/// The key naming ip-masq-agent's configuration file.
+pub const AGENT_KEY: &str = "node.ip_masq_agent_config";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +58,7 @@ struct RawNode {
     #[serde(default)]
     pod_cidrs: Vec<Spanned<String>>,
     flannel_subnet_env: Option<Spanned<String>>,
+    ip_masq_agent_config: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +200,11 @@ impl TomlSource {
     /// `node.flannel_subnet_env`, when set (an empty path is an error).
     pub fn flannel_subnet_env(&self) -> Result<Option<Named>, ConfigError> {
         self.named(&self.raw.node.flannel_subnet_env, ENV_KEY)
+    }
+
+    /// `node.ip_masq_agent_config`, when set (an empty path is an error).
+    pub fn agent_config(&self) -> Result<Option<Named>, ConfigError> {
+        self.named(&self.raw.node.ip_masq_agent_config, AGENT_KEY)
     }
 
     fn named(
