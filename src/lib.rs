@@ -1,8 +1,9 @@
 //! masqd: owns the pod-network masquerade policy of a Linux node.
 //!
-//! Pipeline: [`config`] → [`policy`] (pure) → [`plan`] against what the backend observed (pure)
-//! → [`backend`] applies the changes as one transaction. [`engine`] strings them together for
-//! the one-shot commands.
+//! Pipeline: [`config`] → [`policy`] (pure) → [`detect`] chooses the drivers of [`backend`] →
+//! each driver observes, plans (pure) and applies its changes as one transaction. [`engine`]
+//! strings them together for the one-shot commands ([`cli`]) and the daemon ([`daemon`]);
+//! [`netlink`] is the socket-free netlink layer plus the one socket.
 pub mod backend;
 pub mod check;
 pub mod cli;

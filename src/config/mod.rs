@@ -19,6 +19,7 @@
 mod flannel;
 pub mod ip_masq_agent;
 mod list;
+mod source;
 mod toml;
 mod validate;
 
@@ -34,6 +35,7 @@ use ipnet::IpNet;
 
 pub use self::flannel::{parse_subnet_env, SubnetEnv};
 pub use self::list::parse_cidr_list;
+pub use self::source::{load_agent_mode, Source, DEFAULT_FLANNEL_SUBNET_ENV};
 use self::toml::TomlSource;
 use self::validate::check_cover;
 pub use self::validate::{parse_cidr, parse_duration, validate_ifname, DURATION_BOUNDS};
@@ -285,6 +287,10 @@ fn strip_bom(text: &str) -> &str {
 
 /// Reads and validates the configuration file at `path` (and the files it names).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_toml(path, None)
+}
+
+pub(super) fn load_toml(path: &Path, agent: Option<&Path>) -> Result<Config, ConfigError> {
     let text = read_bounded(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: None,
@@ -292,12 +298,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         message: format!("cannot read the configuration file: {}", e.message),
         missing_file: false,
     })?;
-    parse(path, &text)
+    parse_with(path, &text, agent)
 }
 
 /// What the files the configuration names contributed, each parsed by its own module.
 #[derive(Debug, Default)]
-struct Sources {
+pub(super) struct Sources {
     /// `masquerade.nonmasquerade_cidrs_file` and its entries ([`list`]).
     list: Option<(Named, Vec<Origin>)>,
     /// `node.flannel_subnet_env` and what it gave ([`flannel`]).
@@ -310,6 +316,12 @@ struct Sources {
 /// relative paths the configuration names (against the file's directory); the files it names
 /// are read here, the CIDR list first, then flannel's subnet.env.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, None)
+}
+
+/// [`parse`], with ip-masq-agent's file given on the command line instead of (or in the absence
+/// of) `[node] ip_masq_agent_config`.
+fn parse_with(path: &Path, text: &str, agent: Option<&Path>) -> Result<Config, ConfigError> {
     let mut toml = self::toml::parse(path, text)?;
     let mut sources = Sources::default();
     if let Some(named) = toml.cidr_list_file()? {
@@ -321,7 +333,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let env = load_subnet_env(&named.path).map_err(|e| named.blame(e))?;
         sources.flannel = Some((named, env));
     }
-    if let Some(named) = toml.agent_config()? {
+    let agent = match agent {
+        Some(p) => Some(Named {
+            path: p.to_path_buf(),
+            key: "--ip-masq-agent-config",
+            at: "command line".to_string(),
+        }),
+        None => toml.agent_config()?,
+    };
+    if let Some(named) = agent {
         let agent = load_agent_file(&named.path).map_err(|e| named.blame(e))?;
         sources.agent = Some((named, agent));
     }
@@ -330,7 +350,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
 /// Reads ip-masq-agent's file ([`ip_masq_agent::load`]: absent is the upstream defaults) and
 /// warns about each key upstream does not read.
-fn load_agent_file(path: &Path) -> Result<ip_masq_agent::AgentConfig, ConfigError> {
+pub(super) fn load_agent_file(path: &Path) -> Result<ip_masq_agent::AgentConfig, ConfigError> {
     let agent = ip_masq_agent::load(path)?;
     for k in &agent.unknown_keys {
         tracing::warn!(
@@ -340,48 +360,6 @@ fn load_agent_file(path: &Path) -> Result<ip_masq_agent::AgentConfig, ConfigErro
         );
     }
     Ok(agent)
-}
-
-/// Where `masqd run --ip-masq-agent-config` takes this node's pod CIDRs from when no
-/// `--pod-cidr` is given.
-pub const DEFAULT_FLANNEL_SUBNET_ENV: &str = "/run/flannel/subnet.env";
-
-/// The configuration without a masqd.toml: the exceptions and the resync interval from
-/// ip-masq-agent's file at `agent` (absent: upstream's defaults), the pod CIDRs from `pods`
-/// (`--pod-cidr`) or, when there are none, from flannel's subnet.env at `flannel` (its
-/// FLANNEL_NETWORK an exception too, as with `[node] flannel_subnet_env`); every other setting
-/// at its masqd.toml default. Errors name the agent file (or subnet.env) and the key.
-pub fn load_agent_mode(
-    agent: &Path,
-    pods: &[IpNet],
-    flannel: &Path,
-) -> Result<Config, ConfigError> {
-    let mut toml = self::toml::parse(agent, "")?;
-    let cli: Arc<Path> = Path::new("command line").into();
-    toml.pods = pods
-        .iter()
-        .map(|net| Origin {
-            net: *net,
-            file: cli.clone(),
-            line: None,
-            key: "--pod-cidr",
-        })
-        .collect();
-    let mut sources = Sources::default();
-    let named = |path: &Path, key| Named {
-        path: path.to_path_buf(),
-        key,
-        at: "command line".to_string(),
-    };
-    if pods.is_empty() {
-        let n = named(flannel, "flannel's subnet.env (no --pod-cidr given)");
-        let env = load_subnet_env(&n.path).map_err(|e| n.blame(e))?;
-        sources.flannel = Some((n, env));
-    }
-    let n = named(agent, "--ip-masq-agent-config");
-    let a = load_agent_file(&n.path)?;
-    sources.agent = Some((n, a));
-    combine(&mut toml, sources)
 }
 
 /// Reads flannel's `subnet.env` (shell assignments; see [`parse_subnet_env`]) and logs its
@@ -412,7 +390,7 @@ const NONMASQUERADE_KEYS: [&str; 4] = [
 
 /// Pure: merges the TOML's own values with what the named files gave, then checks the whole
 /// (a pod CIDR exists, neither set covers a family) and the TOML's other keys, in that order.
-fn combine(toml: &mut TomlSource, sources: Sources) -> Result<Config, ConfigError> {
+pub(super) fn combine(toml: &mut TomlSource, sources: Sources) -> Result<Config, ConfigError> {
     let path = toml.path().to_path_buf();
     let mut pods = std::mem::take(&mut toml.pods);
     let mut exceptions = std::mem::take(&mut toml.exceptions);
@@ -476,7 +454,7 @@ pub fn watch_paths(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
     let mut v = vec![config_path.to_path_buf()];
     v.extend(cfg.flannel_subnet_env.iter().cloned());
     v.extend(cfg.nonmasquerade_cidrs_file.iter().cloned());
-    for p in &cfg.ip_masq_agent_config {
+    if let Some(p) = &cfg.ip_masq_agent_config {
         if !v.contains(p) {
             v.push(p.clone());
         }
@@ -500,7 +478,7 @@ pub fn resolve(config: &Path, named: &str) -> PathBuf {
 
 /// A file the configuration names: where it is (resolved), the key naming it and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Named {
+pub(crate) struct Named {
     /// The file, resolved against the configuration's directory.
     path: PathBuf,
     /// The key that names it (`masquerade.nonmasquerade_cidrs_file`, …).
