@@ -33,6 +33,7 @@ use crate::state::RemovedRule;
 pub use crate::plan::{Change, ForeignRule, Observed, CHAIN, CHAIN_PRIORITY_NFT, TABLE};
 pub use legacy::{LegacyObserved, LegacyPlan};
 pub use legacy_driver::LegacyDriver;
+pub use nft::{genid, list_rules, model::RuleSpec};
 pub use nft::{netlink::Socket, SetCache};
 pub use nft_driver::NftDriver;
 
