@@ -34,6 +34,7 @@ pub use crate::backend::nft::plan::{
 pub use legacy::driver::LegacyDriver;
 pub use legacy::{LegacyObserved, LegacyPlan};
 pub use nft::driver::NftDriver;
+pub use nft::{genid, list_rules, model::RuleSpec};
 pub use nft::{netlink::Socket, SetCache};
 
 /// A backend.

@@ -9,7 +9,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::triggers::{Overflow, Trigger};
 use super::TARGET;
-use crate::backend::nft::netlink::{Event, NlError, Socket};
+use crate::netlink::{Event, NlError, Socket};
 
 /// The subscribed socket and the bookkeeping of lost notifications.
 pub(super) struct Monitor {

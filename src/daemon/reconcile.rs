@@ -1,6 +1,7 @@
-//! The one call from the daemon into the engine: a reconcile on a blocking task, with the
-//! apply socket (whose port id marks masqd's own notifications), the set cache carried from
-//! one reconcile to the next, and the notifications muted around large commits.
+//! The one call from the daemon into the engine: a reconcile on a blocking task over the nft
+//! driver the daemon keeps (its socket's port id marks masqd's own notifications; its set cache
+//! is carried from one reconcile to the next), with the notifications muted around large
+//! commits.
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -12,11 +13,11 @@ use tokio::task::{JoinError, JoinHandle};
 
 use super::triggers::Trigger;
 use super::TARGET;
-use crate::backend::nft::netlink::Socket;
-use crate::backend::nft::SetCache;
+use crate::backend::{Driver, NftDriver};
 use crate::config::Config;
 use crate::engine::{self, Plan};
 use crate::metrics::Metrics;
+use crate::netlink::Socket;
 use crate::policy::Policy;
 
 /// What one reconcile works from.
@@ -40,25 +41,31 @@ pub(super) struct Finished {
     pub took: Duration,
 }
 
-/// What the reconcile task hands back.
-pub(super) type Output = (Socket, Option<SetCache>, Finished);
+/// What the reconcile task hands back: the driver (its socket and set cache) and the result.
+pub(super) type Output = (NftDriver, Finished);
 
-/// The apply socket and the set cache, lent to the reconcile task while it runs.
+/// The nft driver (the apply socket and the set cache), lent to the reconcile task while it
+/// runs.
 pub(super) struct Reconciler {
-    sock: Option<Socket>,
+    drv: Option<NftDriver>,
     own_pid: u32,
-    cache: Option<SetCache>,
     job: Option<JoinHandle<Output>>,
+}
+
+/// Opens the apply socket: a driver with no set cache, and its port id.
+fn open_driver(what: &'static str) -> Result<(NftDriver, u32)> {
+    let mut drv = NftDriver::new(Socket::open().context(what)?, None);
+    let pid = drv.socket().portid()?;
+    Ok((drv, pid))
 }
 
 impl Reconciler {
     /// Opens the apply socket.
     pub fn open() -> Result<Reconciler> {
-        let sock = Socket::open().context("opening the netlink socket")?;
+        let (drv, own_pid) = open_driver("opening the netlink socket")?;
         Ok(Reconciler {
-            own_pid: sock.portid()?,
-            sock: Some(sock),
-            cache: None,
+            own_pid,
+            drv: Some(drv),
             job: None,
         })
     }
@@ -70,15 +77,17 @@ impl Reconciler {
 
     /// Whether a reconcile can start (none runs).
     pub fn idle(&self) -> bool {
-        self.job.is_none() && self.sock.is_some()
+        self.job.is_none() && self.drv.is_some()
     }
 
-    /// Starts a reconcile on a blocking task (`engine::apply_with`).
+    /// Starts a reconcile on a blocking task (`engine::apply_nft_with`).
     pub fn start(&mut self, inp: Inputs) {
-        let Some(mut sock) = self.sock.take() else {
+        let Some(mut drv) = self.drv.take() else {
             return;
         };
-        let mut cache = self.cache.take().filter(|_| !inp.full);
+        if inp.full {
+            drv.forget();
+        }
         self.job = Some(tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             // Mute our own notifications around large commits (the kernel would build one
@@ -90,22 +99,20 @@ impl Reconciler {
                     tracing::warn!(target: TARGET, "{e}");
                 }
             };
-            let result = engine::apply_with(
-                &mut sock,
+            let result = engine::apply_nft_with(
+                &mut drv,
                 &inp.state_dir,
-                &inp.cfg,
+                inp.cfg.mode,
                 &inp.policy,
-                &mut cache,
                 Some(&mute),
             );
             let took = t.elapsed();
             if let (Some(m), Ok(p)) = (&inp.overridden_to, &result) {
-                m.refresh_overridden(p, &inp.policy, &mut sock);
+                m.refresh_overridden(p, &inp.policy, &mut drv);
             }
             let trigger = inp.trigger;
             (
-                sock,
-                cache,
+                drv,
                 Finished {
                     trigger,
                     result,
@@ -127,22 +134,22 @@ impl Reconciler {
         }
     }
 
-    /// Takes the socket and the set cache back from a reconcile that ended; `keep` says, given
-    /// whether it succeeded, whether its cache may be used by the next one.
+    /// Takes the driver (socket and set cache) back from a reconcile that ended; `keep` says,
+    /// given whether it succeeded, whether its cache may be used by the next one.
     pub fn finished(&mut self, out: Output, keep: impl FnOnce(bool) -> bool) -> Finished {
-        let (sock, cache, f) = out;
-        self.sock = Some(sock);
-        let keep = keep(f.result.is_ok());
-        self.cache = cache.filter(|_| keep);
+        let (mut drv, f) = out;
+        if !keep(f.result.is_ok()) {
+            drv.forget();
+        }
+        self.drv = Some(drv);
         f
     }
 
     /// The reconcile task died (it panicked): a fresh socket, no cache.
     pub fn crashed(&mut self) -> Result<()> {
-        let sock = Socket::open().context("reopening netlink")?;
-        self.own_pid = sock.portid()?;
-        self.sock = Some(sock);
-        self.cache = None;
+        let (drv, own_pid) = open_driver("reopening netlink")?;
+        self.own_pid = own_pid;
+        self.drv = Some(drv);
         Ok(())
     }
 

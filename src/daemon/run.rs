@@ -21,10 +21,10 @@ use super::triggers::Trigger;
 use super::view::{Reloaded, View};
 use super::watch::Watcher;
 use super::{EX_CONFIG, TARGET};
-use crate::backend::nft::netlink::{Event, NlError};
 use crate::config::watch_paths;
 use crate::config::{self, Config};
 use crate::engine::Paths;
+use crate::netlink::{Event, NlError};
 
 /// Runs the daemon until SIGTERM/SIGINT. A broken configuration at start-up exits with 78.
 pub fn run(paths: Paths) -> ExitCode {

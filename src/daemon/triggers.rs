@@ -5,12 +5,11 @@
 use std::fmt;
 
 use rustables::sys::NFT_MSG_NEWGEN;
+use rustables::ProtocolFamily;
 
-use crate::backend::nft::netlink::Event;
+use crate::backend::TABLE;
+use crate::netlink::Event;
 use crate::policy::Family;
-
-/// `NFPROTO_INET`, the family of masqd's own table (`table inet masqd`).
-const NFPROTO_INET: u8 = libc::NFPROTO_INET as u8;
 
 /// Why a reconcile is wanted. Triggers that arrive while one is pending coalesce into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,8 +84,10 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
                 return false;
             }
             let nat_family = *family == Family::V4.nfproto() || *family == Family::V6.nfproto();
+            // `table inet masqd`: masqd's own table is of the inet family.
+            let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
             match table.as_deref() {
-                Some(crate::plan::TABLE) => *family == NFPROTO_INET,
+                Some(TABLE) => inet,
                 Some("nat") => nat_family,
                 _ => false,
             }

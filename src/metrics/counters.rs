@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::kernel::legacy_counts;
+use crate::backend::{Change, RuleSpec};
 use crate::engine::Plan;
-use crate::plan::{Change, RuleSpec};
 use crate::policy::Family;
 
 /// A kernel counter followed with a running base, so that its total never goes down.
@@ -110,20 +110,23 @@ pub fn repair_causes(p: &Plan) -> BTreeSet<&'static str> {
     out
 }
 
-/// The verdict a rule of masqd's chain counts, from its tag.
+/// The verdict a rule of masqd's chain counts, from its tag: the rule is told apart by
+/// identity, its tag being the one [`RuleSpec::tag`] gives the guard or the masquerade rule
+/// of a family (with or without `fully-random`).
 pub(super) fn verdict_of(comment: &str) -> Option<(Family, &'static str)> {
-    let (verdict, rest) = if let Some(r) = comment.strip_prefix("masqd:guard:") {
-        ("kept", r)
-    } else if let Some(r) = comment.strip_prefix("masqd:masquerade:") {
-        ("masqueraded", r)
-    } else {
-        return None;
-    };
-    match rest.chars().next() {
-        Some('4') => Some((Family::V4, verdict)),
-        Some('6') => Some((Family::V6, verdict)),
-        _ => None,
-    }
+    Family::ALL.into_iter().find_map(|f| {
+        let masquerade = [false, true].map(|random_fully| RuleSpec::Masquerade {
+            family: f,
+            random_fully,
+        });
+        if RuleSpec::Guard(f).tag() == comment {
+            Some((f, "kept"))
+        } else if masquerade.iter().any(|r| r.tag() == comment) {
+            Some((f, "masqueraded"))
+        } else {
+            None
+        }
+    })
 }
 
 /// A counter of masqd's nftables chain as read from the kernel.

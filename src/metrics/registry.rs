@@ -206,10 +206,8 @@ impl Metrics {
                 continue;
             };
             inner.families.push(f);
-            for (set, n) in [
-                (crate::plan::pod_set(f), fp.pod.len()),
-                (crate::plan::nomasq_set(f), fp.nomasq.len()),
-            ] {
+            let [pod, nomasq] = crate::backend::set_names(f);
+            for (set, n) in [(pod, fp.pod.len()), (nomasq, fp.nomasq.len())] {
                 let labels = SetLabels {
                     ip_family: f.to_string(),
                     set,

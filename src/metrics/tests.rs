@@ -112,6 +112,61 @@ fn verdicts_from_tags() {
 }
 
 #[test]
+fn verdicts_of_the_tags_masqd_writes() {
+    // The tags as `nft list chain inet masqd postrouting` shows them (written out here, not
+    // taken from the encoder).
+    let want = [
+        ("masqd:guard:4", Some((Family::V4, "kept"))),
+        ("masqd:guard:6", Some((Family::V6, "kept"))),
+        ("masqd:masquerade:4", Some((Family::V4, "masqueraded"))),
+        ("masqd:masquerade:6", Some((Family::V6, "masqueraded"))),
+        (
+            "masqd:masquerade:4:fully-random",
+            Some((Family::V4, "masqueraded")),
+        ),
+        ("masqd:guard:5", None),
+        ("masqd:masquerade:", None),
+        ("other:guard:4", None),
+        ("", None),
+    ];
+    for (tag, verdict) in want {
+        assert_eq!(verdict_of(tag), verdict, "{tag:?}");
+    }
+    // Every rule the planner writes that counts a connection has a verdict.
+    for f in Family::ALL {
+        let guard = crate::backend::RuleSpec::Guard(f).tag();
+        assert_eq!(verdict_of(&guard), Some((f, "kept")));
+        for random_fully in [false, true] {
+            let m = crate::backend::RuleSpec::Masquerade {
+                family: f,
+                random_fully,
+            };
+            assert_eq!(verdict_of(&m.tag()), Some((f, "masqueraded")));
+        }
+    }
+}
+
+#[test]
+fn legacy_counts_are_the_status_counters() {
+    let lo = crate::backend::LegacyObserved {
+        chain_exists: true,
+        chain_rules: vec![
+            "-o cni0 -j RETURN".into(),
+            "-s 10.244.1.0/24 -d 10.244.0.0/16 -j RETURN".into(),
+            "-s 10.244.1.0/24 -j MASQUERADE".into(),
+        ],
+        chain_packets: vec![40, 5, 9],
+        ..Default::default()
+    };
+    assert_eq!(super::kernel::legacy_counts(&lo), (9, 5));
+    let status = crate::backend::counters::legacy(&lo).expect("the chain exists");
+    assert_eq!((status.masqueraded, status.kept), (9, 5));
+    // No chain observed: nothing counted.
+    let none = crate::backend::LegacyObserved::default();
+    assert_eq!(super::kernel::legacy_counts(&none), (0, 0));
+}
+
+#[test]
 fn health_and_families_before_any_reconcile() {
     let m = Metrics::new();
     assert_eq!(m.health(), Err("no reconcile has finished yet".to_string()));
@@ -199,7 +254,7 @@ fn overridden_rules_are_counted_once_per_table() {
 
 #[test]
 fn legacy_chain_counts_by_verdict() {
-    let lo = crate::backend::legacy::LegacyObserved {
+    let lo = crate::backend::LegacyObserved {
         chain_rules: vec![
             "-o docker0 -j RETURN".into(),
             "-s 172.7.21.0/24 -d 172.7.0.0/16 -j RETURN".into(),
