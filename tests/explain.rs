@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use masqd::backend::nft::lookup::{range_by_get, range_of, Lookup};
-use masqd::backend::nft::netlink::Socket;
+use masqd::netlink::Socket;
 use masqd::policy::{Family, Range};
 
 fn v4(s: &str) -> u128 {

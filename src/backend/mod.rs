@@ -19,6 +19,7 @@ pub mod legacy;
 pub mod legacy_driver;
 pub mod nft;
 pub mod nft_driver;
+pub mod query;
 
 use std::collections::BTreeMap;
 
