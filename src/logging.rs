@@ -264,7 +264,7 @@ pub fn log_config_diff(old: &crate::config::Config, new: &crate::config::Config)
 /// Debug lines for an applied plan: each element change with its values (at most
 /// [`LIST_BOUND`], then a count) — the info line only counts them.
 pub fn log_plan_details(plan: &crate::engine::Plan) {
-    use crate::plan::Change;
+    use crate::backend::Change;
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }

@@ -17,6 +17,7 @@ pub mod counters;
 pub mod fake;
 pub mod legacy;
 pub mod nft;
+pub mod query;
 
 use std::collections::BTreeMap;
 

@@ -5,6 +5,8 @@ use anyhow::Result;
 
 use super::backend_calls;
 use super::exit::{CHANGES_PENDING, OK, OUT_OF_SYNC};
+use crate::backend::query::{self, LEGACY_CHAIN, LEGACY_CHAIN_ENTRY};
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::engine::{self, Paths, Plan};
 use crate::foreign::Overridden;
@@ -60,7 +62,7 @@ pub fn status_text(st: &engine::Status) -> String {
         let Some(fs) = fs else { continue };
         out.push(format!("{f} ({}):", fs.backend));
         for (name, n) in &fs.sets {
-            out.push(backend_calls::status_set_line(name, *n));
+            out.push(status_set_line(name, *n));
         }
         out.push(format!(
             "  masqueraded connections   {}",
@@ -94,7 +96,7 @@ pub fn overridden_text(list: &[Overridden]) -> String {
     }
     let mut s = String::from("other NAT rules for the pod CIDRs:\n");
     for o in list {
-        let handle = backend_calls::position(o.backend.name(), o.handle);
+        let handle = position(o.backend.name(), o.handle);
         s.push_str(&format!(
             "  {} {} {} {handle} ({}): {}\n",
             o.backend, o.table, o.chain, o.ip_family, o.rule
@@ -106,7 +108,44 @@ pub fn overridden_text(list: &[Overridden]) -> String {
 
 /// Prints the changes of `p`: one summary per change, or (`full`) everything.
 fn print_changes(p: &Plan, full: bool) {
-    for l in backend_calls::change_lines(p, full) {
+    for l in change_lines(p, full) {
         println!("{l}");
     }
+}
+
+/// The lines `apply` (one summary per change) or `plan` (`full`: the nft text of every change,
+/// and each legacy family's `iptables-legacy-restore --noflush --wait` payload) prints.
+pub fn change_lines(p: &Plan, full: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &p.nft {
+        out.push(if full { c.to_string() } else { c.summary() });
+    }
+    for (f, lp) in &p.legacy {
+        let (_, restore, _) = f.ipt_binaries();
+        if full {
+            out.push(format!("# {f}: {restore} --noflush --wait <<EOF"));
+            // The payload ends in a newline of its own.
+            let payload = lp.payload.as_deref().unwrap_or_default();
+            out.push(format!("{payload}EOF"));
+        } else {
+            out.extend(lp.summary.iter().map(|s| format!("{f} legacy: {s}")));
+        }
+    }
+    out
+}
+
+/// The `status` line of one entry of a family's sets: an nftables set's intervals, or the rules
+/// of the legacy chain (the entry [`LEGACY_CHAIN_ENTRY`]).
+pub fn status_set_line(name: &str, n: usize) -> String {
+    if name == LEGACY_CHAIN_ENTRY {
+        format!("  chain {LEGACY_CHAIN:<19} {n} rule(s)")
+    } else {
+        format!("  set {name:<21} {n} interval(s)")
+    }
+}
+
+/// Where a foreign rule of backend `backend` (its name, as status reports it) is: `rule N`
+/// (its position in a legacy chain) or `handle N` (nft).
+pub fn position(backend: &str, handle: u64) -> String {
+    query::position(Backend::from_name(backend), handle)
 }

@@ -1,7 +1,7 @@
 //! masqd's exit codes and the classification of a failed command's error (what the message
 //! says about it), by the error's type: the binary maps a class to its exit code.
 
-use super::backend_calls;
+use crate::backend::query;
 
 /// Exit code of success (`plan`: nothing to change; `status`: in sync).
 pub const OK: u8 = 0;
@@ -29,15 +29,13 @@ impl ExitClass {
     /// legacy binary that says so) or from the state directory (root's) is [`ExitClass::Denied`].
     /// A configuration file that cannot be read is a `ConfigError`, not one of these.
     pub fn of(e: &anyhow::Error) -> ExitClass {
-        let denied = e.chain().any(|c| {
-            if let Some(d) = backend_calls::backend_denied(c) {
-                return d;
-            }
-            // The state directory and its locks belong to root.
-            c.downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::raw_os_error)
-                .is_some_and(is_denied)
-        });
+        // The state directory and its locks belong to root.
+        let denied = query::is_denied(e)
+            || e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::raw_os_error)
+                    .is_some_and(is_denied)
+            });
         if denied {
             ExitClass::Denied
         } else {
@@ -65,5 +63,5 @@ pub fn message(e: &anyhow::Error) -> String {
 
 /// EPERM or EACCES.
 pub fn is_denied(errno: i32) -> bool {
-    errno == libc::EPERM || errno == libc::EACCES
+    query::denied_errno(errno)
 }

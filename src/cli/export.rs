@@ -5,8 +5,8 @@ use anyhow::{anyhow, Result};
 
 use super::backend_calls;
 use super::exit::OK;
+use crate::backend::Backend;
 use crate::config::{BackendMode, Config};
-use crate::detect::Backend;
 use crate::engine::Detection;
 use crate::policy::{Family, Policy};
 

@@ -1,7 +1,8 @@
 //! The bodies of masqd's one-shot commands (`apply`, `plan`, `status`, `teardown`, `detect`,
 //! `export`, `check`, `explain`): what each prints and the exit code it returns. The binary
-//! (`src/main.rs`) parses the command line and dispatches here; [`backend_calls`] holds every
-//! call these commands make into the backends.
+//! (`src/main.rs`) parses the command line and dispatches here. The commands reach the kernel
+//! only through [`crate::engine`] and [`crate::backend::query`]; [`backend_calls`] holds the
+//! reads the engine does not make whole (`plan`, `detect`, `export`).
 
 pub mod apply;
 pub mod backend_calls;

@@ -1,11 +1,11 @@
 //! Unit tests of the command bodies: exit-code classification, the export choice, the text of
 //! `status`, `detect` and `teardown`.
 
-use super::backend_calls;
+use super::apply;
 use super::exit::{self, ExitClass};
 use super::export::{choose, Choice, Format};
-use crate::backend::nft::netlink::NlError;
-use crate::detect::Backend;
+use crate::backend::query::{ExecError, NlError};
+use crate::backend::Backend;
 use crate::engine::{Detection, FamilyDetection};
 use crate::policy::{Family, Policy};
 
@@ -43,7 +43,7 @@ fn denied_by_the_kernel_or_the_state_directory_is_its_own_class() {
 #[test]
 fn a_legacy_binary_that_says_permission_denied_is_denied() {
     let e = |stderr: &str| {
-        anyhow::Error::new(crate::exec::ExecError::Failed {
+        anyhow::Error::new(ExecError::Failed {
             cmd: "iptables-legacy-save".into(),
             why: "exit status 4".into(),
             stderr: stderr.into(),
@@ -151,17 +151,17 @@ fn family_nft() -> FamilyDetection {
 #[test]
 fn status_names_the_legacy_chain_and_the_rule_positions() {
     assert_eq!(
-        backend_calls::status_set_line("legacy-chain", 3),
+        apply::status_set_line("legacy-chain", 3),
         "  chain MASQD-POSTROUTING   3 rule(s)"
     );
     assert_eq!(
-        backend_calls::status_set_line("nomasq4", 2),
+        apply::status_set_line("nomasq4", 2),
         "  set nomasq4               2 interval(s)"
     );
-    assert_eq!(backend_calls::position("legacy", 2), "rule 2");
-    assert_eq!(backend_calls::position("nft", 7), "handle 7");
+    assert_eq!(apply::position("legacy", 2), "rule 2");
+    assert_eq!(apply::position("nft", 7), "handle 7");
     assert_eq!(
-        super::apply::overridden_text(&[]),
+        apply::overridden_text(&[]),
         "other NAT rules for the pod CIDRs: none\n"
     );
 }

@@ -7,10 +7,10 @@ use std::net::IpAddr;
 use super::kernel::{legacy_drift, Lookup};
 use super::walk::{decide, Decision};
 use super::{int, Explanation, Kernel, OtherRule, Query, Source, Verdict};
+use crate::backend::query::RuleSpec;
+use crate::backend::{set_names, Backend, CHAIN, TABLE};
 use crate::config::{self, Config};
-use crate::detect::Backend;
 use crate::foreign::{NatRule, SourceMatch};
-use crate::plan::{self, RuleSpec};
 use crate::policy::{Family, Policy, Range};
 
 /// The configuration entries of `origins` holding `addr`, most specific first.
@@ -73,15 +73,16 @@ fn disagreements(q: &Query, policy: &Policy, desired: &[RuleSpec], k: &Kernel) -
         out.push(format!(
             "masqd's table inet {} is not in the kernel: run `masqd apply`; the verdict follows \
              the kernel",
-            plan::TABLE
+            TABLE
         ));
     }
     let fp = policy.family(f);
     if k.nft && k.table {
+        let [pod_set, nomasq_set] = set_names(f);
         let want = fp.and_then(|p| config_range(&p.pod, int(q.src)));
-        out.extend(compare_set(&plan::pod_set(f), f, q.src, want, k.pod));
+        out.extend(compare_set(&pod_set, f, q.src, want, k.pod));
         let want = fp.and_then(|p| config_range(&p.nomasq, int(q.dst)));
-        out.extend(compare_set(&plan::nomasq_set(f), f, q.dst, want, k.nomasq));
+        out.extend(compare_set(&nomasq_set, f, q.dst, want, k.nomasq));
         let have: Vec<&str> = k
             .chain
             .iter()
@@ -92,8 +93,8 @@ fn disagreements(q: &Query, policy: &Policy, desired: &[RuleSpec], k: &Kernel) -
             out.push(format!(
                 "the rules of inet {} {} are [{}], the configuration wants [{}]: the verdict \
                  follows the kernel",
-                plan::TABLE,
-                plan::CHAIN,
+                TABLE,
+                CHAIN,
                 have.join(", "),
                 want.join(", ")
             ));
@@ -173,7 +174,7 @@ fn other_rules(q: &Query, k: &Kernel, d: Option<&Decision>) -> Vec<OtherRule> {
         };
         out.push(OtherRule {
             backend: r.backend.to_string(),
-            table: if r.backend == "nft" {
+            table: if r.backend == Backend::Nft {
                 format!("{} {}", r.table_family, r.table)
             } else {
                 r.table.clone()
@@ -236,7 +237,7 @@ pub fn evaluate(
             "{} is not a pod source of this node (not in set {} in the kernel): masqd binds \
              nothing",
             q.src,
-            plan::pod_set(f)
+            set_names(f)[0]
         )
     };
     Explanation {

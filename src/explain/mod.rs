@@ -1,10 +1,10 @@
 //! `masqd explain SRC DST`: what happens to a new connection from SRC to DST on this node, read
-//! from the kernel as it is now. [`evaluate`] is pure: it walks masqd's rules as the kernel holds
-//! them (the chain `inet masqd postrouting`, in legacy mode then `MASQD-POSTROUTING`) with the
-//! answers of single-element set lookups, names the configuration entries a matched range came
-//! from, reports where configuration and kernel disagree (the kernel decides the verdict), and
-//! lists the other components' NAT rules that would have matched. [`read_kernel`] gathers those
-//! facts.
+//! from the kernel as it is now. [`evaluate`](fn@evaluate) is pure: it walks masqd's rules as
+//! the kernel holds them (the chain `inet masqd postrouting`, in legacy mode then
+//! `MASQD-POSTROUTING`) with the answers of single-element set lookups, names the configuration
+//! entries a matched range came from, reports where configuration and kernel disagree (the
+//! kernel decides the verdict), and lists the other components' NAT rules that would have
+//! matched. [`read_kernel`] gathers those facts.
 //!
 //! Verdicts: `untouched` (leaves through a bridge, or not a pod source: masqd binds nothing),
 //! `marked` (an honoured mark: left to the component that marked it), `kept` (an exception:
@@ -13,16 +13,16 @@
 //!
 //! Files: this one holds the query and the answer's types; [`walk`] the pure walks of masqd's
 //! chains, [`evaluate`](mod@evaluate) the verdict with its disagreements and the other rules,
-//! [`kernel`] every read of the kernel and call into the backends, [`render`](mod@render) the
-//! text.
+//! [`kernel`] every read of the kernel (through [`crate::engine`] and
+//! [`crate::backend::query`]), [`render`](mod@render) the text.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::config;
-use crate::detect::Backend;
 use crate::foreign::NatRule;
 use crate::policy::Family;
 use kernel::{LegacyObserved, Lookup};

@@ -1,6 +1,9 @@
 //! The text of an explanation, for a terminal.
 
+use super::walk::chain_backend;
 use super::Explanation;
+use crate::backend::query::position;
+use crate::backend::Backend;
 
 /// The explanation as text, for a terminal.
 pub fn render(e: &Explanation) -> String {
@@ -14,11 +17,7 @@ pub fn render(e: &Explanation) -> String {
     let _ = writeln!(s, "verdict: {}", e.verdict);
     let _ = writeln!(s, "  why:    {}", e.reason);
     if let (Some(rule), Some(chain), Some(h)) = (&e.rule, &e.chain, e.handle) {
-        let h = if chain.starts_with("legacy") {
-            format!("rule {h}")
-        } else {
-            format!("handle {h}")
-        };
+        let h = position(chain_backend(chain), h);
         let _ = writeln!(s, "  rule:   {chain} {h}: {rule}");
     }
     if let Some(r) = &e.range {
@@ -48,15 +47,11 @@ pub fn render(e: &Explanation) -> String {
         let _ = writeln!(s, "other NAT rules that would match:");
     }
     for o in &e.other_rules {
-        let h = if o.backend == "legacy" {
-            "rule"
-        } else {
-            "handle"
-        };
+        let h = position(Backend::from_name(&o.backend), o.handle);
         let _ = writeln!(
             s,
-            "  {} {} {} {h} {} (priority {}, source matches: {}): {}",
-            o.backend, o.table, o.chain, o.handle, o.priority, o.matches, o.rule
+            "  {} {} {} {h} (priority {}, source matches: {}): {}",
+            o.backend, o.table, o.chain, o.priority, o.matches, o.rule
         );
         let _ = writeln!(s, "      {}", o.reason);
     }

@@ -4,10 +4,9 @@ use std::path::Path;
 
 use super::evaluate::config_range;
 use super::*;
-use crate::backend::legacy;
+use crate::backend::query::{desired_legacy_chain, desired_rules, RuleSpec, LEGACY_JUMP};
 use crate::config::Config;
 use crate::foreign::SourceMatch;
-use crate::plan::{self, RuleSpec};
 use crate::policy::{Policy, Range};
 
 const CFG: &str = "[node]\npod_cidrs = [\"172.7.21.0/24\"]\n[masquerade]\n\
@@ -35,7 +34,7 @@ fn q(src: &str, dst: &str, oif: Option<&str>, mark: Option<&str>) -> Query {
 
 /// The kernel as `masqd apply` leaves it for CFG in nft mode; lookups for `query`.
 fn kernel(p: &Policy, query: &Query) -> (Kernel, Vec<RuleSpec>) {
-    let desired = plan::desired_rules(p);
+    let desired = desired_rules(p);
     let fp = p.family(Family::V4).unwrap();
     let look = |ranges: &[Range], a: IpAddr| match config_range(ranges, int(a)) {
         Some(r) => Lookup::In(r),
@@ -233,15 +232,15 @@ fn legacy_mode_walks_masqd_postrouting() {
     let mut lo = LegacyObserved {
         nat_loaded: true,
         chain_exists: true,
-        postrouting: vec![legacy::JUMP.to_string()],
+        postrouting: vec![LEGACY_JUMP.to_string()],
         ..Default::default()
     };
     let fp = p.family(Family::V4).unwrap();
-    lo.chain_rules = legacy::desired_chain(fp, &p.bridges, false);
+    lo.chain_rules = desired_legacy_chain(fp, &p);
     let guard_only = p.nft_part(&[], &[Family::V4]);
     let query = q("172.7.21.2", "10.200.1.3", None, Some("0x4000"));
     let (mut k, _) = kernel(&p, &query);
-    let desired = plan::desired_rules(&guard_only);
+    let desired = desired_rules(&guard_only);
     k.backend = Backend::Legacy;
     k.chain.retain(|c| {
         !c.comment
@@ -402,5 +401,28 @@ fn render_prints_rule_positions_and_disagreements() {
          \x20 legacy nat POSTROUTING rule 3 (priority 100, source matches: yes): -A POSTROUTING \
          -s 172.7.21.0/24 -j MASQUERADE\n\
          \x20     NOT overridden\n"
+    );
+}
+
+#[test]
+fn decided_chains_name_their_backend() {
+    use super::walk::{chain_backend, chain_name};
+    assert_eq!(chain_name(Backend::Nft), "inet masqd postrouting");
+    assert_eq!(chain_name(Backend::Legacy), "legacy nat MASQD-POSTROUTING");
+    assert_eq!(
+        chain_backend("legacy nat MASQD-POSTROUTING"),
+        Some(Backend::Legacy)
+    );
+    assert_eq!(chain_backend("inet masqd postrouting"), Some(Backend::Nft));
+    assert_eq!(chain_backend("legacy nat POSTROUTING"), None);
+    // In legacy mode the guard in nftables decides an exception: a handle, not a position.
+    let e = run(&q("172.7.21.2", "10.200.0.2", None, None), |k| {
+        k.backend = Backend::Legacy
+    });
+    assert_eq!((e.verdict, e.handle), (Verdict::Kept, Some(12)));
+    assert!(
+        render(&e).contains("  rule:   inet masqd postrouting handle 12: "),
+        "{}",
+        render(&e)
     );
 }

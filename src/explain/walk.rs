@@ -8,10 +8,26 @@ use super::kernel::{
     legacy_jumps, legacy_rule_words, saved_net_holds, LegacyObserved, Lookup, LEGACY_CHAIN,
 };
 use super::{Kernel, Query, Verdict};
+use crate::backend::query::{RuleSpec, CHAIN_PRIORITY};
+use crate::backend::{set_names, Backend, CHAIN, TABLE};
 use crate::config::HonorMark;
-use crate::detect::Backend;
-use crate::plan::{self, RuleSpec, CHAIN_PRIORITY};
 use crate::policy::Family;
+
+/// Where masqd's chain in backend `b` is, as an explanation names it: `inet masqd postrouting`,
+/// `legacy nat MASQD-POSTROUTING`.
+pub fn chain_name(b: Backend) -> String {
+    match b {
+        Backend::Nft => format!("inet {TABLE} {CHAIN}"),
+        Backend::Legacy => format!("legacy nat {LEGACY_CHAIN}"),
+    }
+}
+
+/// The backend of a chain named by [`chain_name`]; None for another name.
+pub fn chain_backend(chain: &str) -> Option<Backend> {
+    [Backend::Nft, Backend::Legacy]
+        .into_iter()
+        .find(|b| chain_name(*b) == chain)
+}
 
 /// The rule a masqd tag stands for, read from the kernel's comment (not the configuration).
 pub(super) fn spec_of_tag(tag: &str) -> Option<RuleSpec> {
@@ -62,7 +78,7 @@ fn walk_nft(q: &Query, k: &Kernel, notes: &mut Vec<String>) -> Option<Decision> 
         matches!(k.pod, Lookup::In(_)),
         matches!(k.nomasq, Lookup::In(_)),
     );
-    let (ps, ns) = (plan::pod_set(f), plan::nomasq_set(f));
+    let [ps, ns] = set_names(f);
     let mark = q.mark.unwrap_or(0);
     for r in &k.chain {
         let Some(spec) = r.comment.as_deref().and_then(spec_of_tag) else {
@@ -103,7 +119,7 @@ fn walk_nft(q: &Query, k: &Kernel, notes: &mut Vec<String>) -> Option<Decision> 
         return Some(Decision {
             verdict,
             rule,
-            chain: format!("inet {} {}", plan::TABLE, plan::CHAIN),
+            chain: chain_name(Backend::Nft),
             handle: r.handle,
             reason,
             priority: CHAIN_PRIORITY,
@@ -168,7 +184,7 @@ fn walk_legacy(q: &Query, lo: &LegacyObserved) -> Option<Decision> {
         return Some(Decision {
             verdict,
             rule: format!("-A {} {spec}", LEGACY_CHAIN),
-            chain: format!("legacy nat {}", LEGACY_CHAIN),
+            chain: chain_name(Backend::Legacy),
             handle: i as u64 + 1,
             reason,
             priority: 100,
