@@ -18,7 +18,7 @@ use anyhow::{anyhow, Context, Result};
 use crate::backend::Slot;
 use crate::backend::Socket;
 use crate::backend::{self, Backend, Change, Changes, Driver, DriverSet, LegacyDriver};
-use crate::backend::{LegacyObserved, LegacyPlan, NftDriver, Observation, Observed, SetCache};
+use crate::backend::{LegacyObserved, LegacyPlan, NftDriver, Observation, Observed};
 use crate::config::{self, Config, ConfigError};
 use crate::foreign::{self, NatRule, Overridden};
 use crate::policy::{Family, Policy};
@@ -31,7 +31,7 @@ mod teardown;
 mod tests;
 
 pub use backend::{Mute, QUIET_ELEMENTS};
-pub use detection::{detect, detect_with, detect_without_policy, Detection, FamilyDetection};
+pub use detection::{detect_with, detect_without_policy, Detection, FamilyDetection};
 pub use report::{status, status_of, status_with, FamilyStatus, RecordedRule, Status};
 pub use teardown::{teardown, teardown_with, TeardownReport};
 
@@ -124,24 +124,6 @@ impl Plan {
             .any(|(_, lp)| lp.summary.iter().any(|s| !s.ends_with("(default rule)")));
         nft || legacy
     }
-}
-
-/// Observes both backends and plans.
-pub fn make_plan(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Plan> {
-    make_plan_cached(cfg, policy, sock, None)
-}
-
-/// [`make_plan`] with the daemon's cache of the sets it committed last.
-pub fn make_plan_cached(
-    cfg: &Config,
-    policy: &Policy,
-    sock: &mut Socket,
-    cache: Option<&SetCache>,
-) -> Result<Plan> {
-    let mut nft = NftDriver::new(sock, cache.cloned());
-    let detection = detect_with(cfg.mode, policy, &mut nft)?;
-    let mut set = drivers(&detection, policy, Box::new(nft))?;
-    plan_with(&mut set, detection)
 }
 
 /// The drivers detection chose, each with its part of the policy, in apply order (design.md
@@ -252,7 +234,7 @@ fn plan_of(set: &DriverSet<'_>, detection: Detection, steps: Steps) -> Plan {
                 .slots
                 .first()
                 .map(|s| s.policy.clone())
-                .unwrap_or_else(empty_policy)
+                .unwrap_or_else(Policy::empty)
         },
         detection,
         observed: Observed::default(),
@@ -283,31 +265,12 @@ pub fn plan_with(set: &mut DriverSet<'_>, detection: Detection) -> Result<Plan> 
     Ok(plan_of(set, detection, steps))
 }
 
-fn empty_policy() -> Policy {
-    Policy {
-        v4: None,
-        v6: None,
-        bridges: Vec::new(),
-        random_fully: false,
-        replace_default_rule: true,
-        default_rule_cidrs: Vec::new(),
-        honor_marks: Vec::new(),
-        guard_only: Vec::new(),
-    }
-}
-
 impl Plan {
     /// The other components' source NAT rules that can apply to the pod traffic of
     /// `policy`, and what masqd's guard does about each: the legacy ones from this plan's
     /// observation, the nftables ones read now (a dump of every rule, so only the one-shot
     /// `status` and `detect` ask; reconciles never do). Equals `nft -a list ruleset` plus
     /// `iptables-legacy-save -t nat`, filtered.
-    pub fn overridden(&self, policy: &Policy, sock: &mut Socket) -> Result<Vec<Overridden>> {
-        let mut nft = NftDriver::new(sock, None);
-        self.overridden_with(policy, &mut nft)
-    }
-
-    /// [`Plan::overridden`] with the nftables rules read by `nft`.
     pub fn overridden_with(
         &self,
         policy: &Policy,
@@ -360,34 +323,15 @@ impl Plan {
 /// or `teardown` up to [`crate::state::LOCK_WAIT`].
 pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<Plan> {
     let _lock = State::new(&paths.state_dir).lock_command("apply")?;
-    let mut sock = Socket::open().context("opening netlink")?;
-    apply_with(&mut sock, &paths.state_dir, cfg, policy, &mut None, None)
+    let mut nft = NftDriver::new(Socket::open().context("opening netlink")?, None);
+    apply_nft_with(&mut nft, &paths.state_dir, cfg.mode, policy, None)
 }
 
-/// [`apply`] over an open socket (the daemon keeps one, so that it recognises the change
-/// notifications its own transactions cause by the socket's port id).
-///
-/// `cache` holds the sets masqd committed last (see [`SetCache`]); it is refreshed after every
-/// success and dropped after any failure.
-///
-/// The caller holds the state directory's lock: [`apply`] takes it per command, `masqd run`
+/// [`apply`] over an nft driver (the kernel's, or a fake; the daemon keeps one, so that it
+/// recognises the change notifications its own transactions cause by the socket's port id, and
+/// its set cache): detection through it, then [`apply_drivers`] over the set it chooses. The
+/// caller holds the state directory's lock: [`apply`] takes it per command, `masqd run`
 /// ([`State::lock_daemon`]) for its whole life.
-pub fn apply_with(
-    sock: &mut Socket,
-    state_dir: &Path,
-    cfg: &Config,
-    policy: &Policy,
-    cache: &mut Option<SetCache>,
-    mute: Option<Mute<'_>>,
-) -> Result<Plan> {
-    let mut nft = NftDriver::new(sock, cache.take());
-    let r = apply_nft_with(&mut nft, state_dir, cfg.mode, policy, mute);
-    *cache = nft.take_cache().filter(|_| r.is_ok());
-    r
-}
-
-/// [`apply_with`] over an nft driver (the kernel's, or a fake): detection through it, then
-/// [`apply_drivers`] over the set it chooses.
 pub fn apply_nft_with(
     nft: &mut dyn Driver,
     state_dir: &Path,

@@ -17,7 +17,6 @@ pub mod foreign;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
-pub use crate::backend::nft::plan;
 pub mod policy;
 pub mod state;
 pub mod systemd;

@@ -262,6 +262,21 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// No pod CIDRs, no exceptions, every setting at its default (what detection runs with
+    /// when there is no configuration).
+    pub fn empty() -> Policy {
+        Policy {
+            v4: None,
+            v6: None,
+            bridges: Vec::new(),
+            random_fully: false,
+            replace_default_rule: true,
+            default_rule_cidrs: Vec::new(),
+            honor_marks: Vec::new(),
+            guard_only: Vec::new(),
+        }
+    }
+
     /// Builds the policy of a validated configuration.
     pub fn from_config(cfg: &Config) -> Policy {
         let fam = |family: Family| -> Option<FamilyPolicy> {

@@ -32,11 +32,12 @@ use crate::state::RemovedRule;
 pub use crate::backend::nft::plan::{
     Change, ForeignRule, Observed, CHAIN, CHAIN_PRIORITY, CHAIN_PRIORITY_NFT, TABLE,
 };
+pub use crate::netlink::Socket;
 pub use legacy::driver::LegacyDriver;
 pub use legacy::{LegacyObserved, LegacyPlan};
 pub use nft::driver::NftDriver;
+pub use nft::SetCache;
 pub use nft::{genid, list_rules, model::RuleSpec};
-pub use nft::{netlink::Socket, SetCache};
 
 /// A backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

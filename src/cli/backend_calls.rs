@@ -6,7 +6,7 @@
 use anyhow::Result;
 
 use crate::backend::query::{self, Nftables};
-use crate::config::{BackendMode, Config};
+use crate::config::Config;
 use crate::engine::{self, Detection, Plan};
 use crate::foreign::Overridden;
 use crate::policy::{Family, Policy};
@@ -40,25 +40,12 @@ pub fn detect_with_overridden(
 
 /// The policy of no configuration: no family, nothing else (detection then reports a family
 /// whose legacy side cannot be inspected instead of failing).
-fn no_policy() -> Policy {
-    Policy {
-        v4: None,
-        v6: None,
-        bridges: Vec::new(),
-        random_fully: false,
-        replace_default_rule: true,
-        default_rule_cidrs: Vec::new(),
-        honor_marks: Vec::new(),
-        guard_only: Vec::new(),
-    }
-}
-
 /// Detection without a configuration (`masqd detect` with no or an invalid config file):
 /// `backend.mode = "auto"` and no policy. Equals `nft list ruleset` plus `iptables-legacy-save`
 /// where legacy tables are loaded.
 pub fn detect_without_policy() -> Result<Detection> {
     let mut nft = Nftables::open()?;
-    engine::detect_with(BackendMode::Auto, &no_policy(), nft.driver())
+    engine::detect_without_policy(nft.driver())
 }
 
 /// Detection for `masqd export`. Equals what [`detect_without_policy`] reads, with the

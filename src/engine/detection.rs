@@ -4,9 +4,9 @@
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::backend::{Backend, Driver, LegacyDriver, NftDriver, Socket};
+use crate::backend::{Backend, Driver, LegacyDriver};
 use crate::backend::{CHAIN, CHAIN_PRIORITY_NFT, TABLE};
-use crate::config::{self, Config};
+use crate::config;
 use crate::detect::{self, Decision, Facts};
 use crate::policy::{Family, Policy};
 
@@ -75,14 +75,9 @@ impl Detection {
     }
 }
 
-/// Runs detection for both families. A family without pod CIDRs whose legacy side cannot be
-/// inspected is reported, not fatal; one with pod CIDRs is an error that says how to fix it.
-pub fn detect(cfg: &Config, policy: &Policy, sock: &mut Socket) -> Result<Detection> {
-    let mut nft = NftDriver::new(sock, None);
-    detect_with(cfg.mode, policy, &mut nft)
-}
-
-/// [`detect`] with the nftables facts from `nft` (the kernel's driver, or a fake).
+/// Runs detection for both families, the nftables facts from `nft` (the kernel's driver, or a
+/// fake). A family without pod CIDRs whose legacy side cannot be inspected is reported, not
+/// fatal; one with pod CIDRs is an error that says how to fix it.
 pub fn detect_with(
     mode: config::BackendMode,
     policy: &Policy,
@@ -122,17 +117,6 @@ pub fn detect_with(
 /// Runs detection for both families with no configuration (`masqd detect` without a config
 /// file): `backend.mode = "auto"` and no policy, so a family whose legacy side cannot be
 /// inspected is reported, not fatal.
-pub fn detect_without_policy(sock: &mut Socket) -> Result<Detection> {
-    let mut nft = NftDriver::new(sock, None);
-    let none = Policy {
-        v4: None,
-        v6: None,
-        bridges: Vec::new(),
-        random_fully: false,
-        replace_default_rule: true,
-        default_rule_cidrs: Vec::new(),
-        honor_marks: Vec::new(),
-        guard_only: Vec::new(),
-    };
-    detect_with(config::BackendMode::Auto, &none, &mut nft)
+pub fn detect_without_policy(nft: &mut dyn Driver) -> Result<Detection> {
+    detect_with(config::BackendMode::Auto, &Policy::empty(), nft)
 }

@@ -6,7 +6,7 @@ use rustables::sys;
 
 use super::a;
 use super::encode::addr_field;
-use super::netlink::Attrs;
+use crate::netlink::Attrs;
 use crate::policy::{Family, Range};
 
 /// `NFTA_TARGET_NAME` of the xtables `target` expression (iptables-nft's `-j MASQUERADE`).

@@ -6,7 +6,7 @@ use rustables::sys;
 use super::a;
 use super::decode::NFTNL_UDATA_RULE_COMMENT;
 use super::model::{nomasq_set, pod_set, RuleSpec};
-use super::netlink::Writer;
+use crate::netlink::Writer;
 use crate::policy::Family;
 
 /// `NF_NAT_RANGE_PROTO_RANDOM_FULLY`: the `fully-random` flag of masquerade.

@@ -4,9 +4,9 @@ use anyhow::Result;
 use rustables::sys;
 
 use super::model::{CHAIN, TABLE};
-use super::netlink::Socket;
 use super::observe::{list_rules, table_exists};
 use super::{a, NFPROTO_INET};
+use crate::netlink::Socket;
 use crate::policy::Family;
 
 /// What detection needs to know about nftables for one family.

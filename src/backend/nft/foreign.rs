@@ -9,9 +9,9 @@ use rustables::sys;
 use super::decode::exprs;
 use super::encode::addr_field;
 use super::model::TABLE;
-use super::netlink::{Attr, Attrs, Socket};
 use super::{a, family_name, family_of_nfproto, NFPROTO_INET};
 use crate::foreign::{NatRule, SourceMatch};
+use crate::netlink::{Attr, Attrs, Socket};
 use crate::policy::Family;
 
 const NFTA_TARGET_NAME: u16 = 1;
@@ -352,8 +352,8 @@ mod tests {
         expr_cmp_eq, expr_counter, expr_masq, expr_meta, expr_payload_nh, put_data_value, put_expr,
         Field, IPV4_SADDR, IPV6_SADDR,
     };
-    use super::super::netlink::Writer;
     use super::*;
+    use crate::netlink::Writer;
 
     const NFPROTO_IPV4: u8 = 2; // Family::V4.nfproto(), as the kernel sends it
     const NFPROTO_IPV6: u8 = 10; // Family::V6.nfproto()

@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use rustables::sys;
 
 use super::model::{CHAIN, TABLE};
-use super::netlink::{NlError, Socket};
 use super::{a, list_ranges, NFPROTO_INET};
+use crate::netlink::{NlError, Socket};
 use crate::policy::{contains, Family, Range};
 
 /// What a lookup found.
@@ -126,7 +126,7 @@ fn get_element(
 }
 
 /// The first element of GETSETELEM answers: (key, has the INTERVAL_END flag).
-fn first_element(msgs: &[super::netlink::Msg], f: Family) -> Option<(u128, bool)> {
+fn first_element(msgs: &[crate::netlink::Msg], f: Family) -> Option<(u128, bool)> {
     let e = msgs
         .iter()
         .filter_map(|m| m.attrs().get(a(sys::NFTA_SET_ELEM_LIST_ELEMENTS)))

@@ -24,7 +24,6 @@ pub mod plan;
 pub mod restore;
 pub mod transaction;
 
-pub use crate::netlink;
 pub use cache::SetCache;
 pub use decode::{elements_to_ranges, match_default_rule};
 pub use export::export;

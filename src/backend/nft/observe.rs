@@ -12,8 +12,8 @@ use super::model::{
     ForeignRule, Observed, ObservedChain, ObservedRule, ObservedSet, ObservedTable, CHAIN,
     CHAIN_PRIORITY, TABLE,
 };
-use super::netlink::{Attrs, Msg, NlError, Socket};
 use super::{a, family_name, NFPROTO_INET};
+use crate::netlink::{Attrs, Msg, NlError, Socket};
 use crate::policy::{Family, Range};
 
 /// Key type of `ipv4_addr` sets (nft's `TYPE_IPADDR`).

@@ -9,9 +9,9 @@ use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Protoco
 use super::a;
 use super::decode::match_default_rule;
 use super::model::{ForeignRule, TABLE};
-use super::netlink::{NlError, Socket, Transaction, NLM_F_APPEND, NLM_F_CREATE};
 use super::observe::{genid, nat_postrouting, observe_foreign, table_exists};
 use super::transaction::inet_table;
+use crate::netlink::{NlError, Socket, Transaction, NLM_F_APPEND, NLM_F_CREATE};
 use crate::policy::Family;
 use crate::state::{hex, unhex, RemovedRule};
 

@@ -9,9 +9,9 @@ use super::encode::{
     addr_field, expr_cmp_eq, expr_counter, expr_masq, expr_meta, expr_payload_nh, put_data_value,
     put_expr, udata_with_comment, Field,
 };
-use super::netlink::Writer;
 use super::tests_golden::rule_exprs;
 use super::{match_default_rule, replayable};
+use crate::netlink::Writer;
 use crate::policy::{Family, Range};
 use crate::state::{hex, RemovedRule};
 

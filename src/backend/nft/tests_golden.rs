@@ -25,9 +25,9 @@ use rustables::sys;
 
 use super::a;
 use super::model::{Change, RuleSpec};
-use super::netlink::{split, RawMsg, NLM_F_ACK};
 use super::transaction;
 use crate::config::HonorMark;
+use crate::netlink::{split, RawMsg, NLM_F_ACK};
 use crate::policy::{Family, Range};
 
 const NLA_F_NESTED: u16 = 0x8000;
@@ -60,7 +60,7 @@ fn messages(batch: &[u8], kind: u32) -> Vec<RawMsg> {
 pub(super) fn rule_exprs(text: &str) -> Vec<u8> {
     let rules = messages(&golden(text), sys::NFT_MSG_NEWRULE);
     assert_eq!(rules.len(), 1);
-    let attrs = super::netlink::Attrs(&rules[0].body[4..]);
+    let attrs = crate::netlink::Attrs(&rules[0].body[4..]);
     attrs
         .get(a(sys::NFTA_RULE_EXPRESSIONS))
         .expect("expressions")

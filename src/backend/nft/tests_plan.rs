@@ -10,10 +10,10 @@ use super::model::{
     Change, ForeignRule, Observed, ObservedChain, ObservedRule, ObservedSet, ObservedTable,
     RuleSpec, CHAIN,
 };
-use super::netlink::{split, Attrs, MAX_NEST};
 use super::plan::{desired_rules, diff_sorted, plan};
 use super::{a, export, transaction};
 use crate::config::HonorMark;
+use crate::netlink::{split, Attrs, MAX_NEST};
 use crate::policy::{Family, FamilyPolicy, Policy, Range};
 
 fn net(s: &str) -> IpNet {

@@ -8,9 +8,9 @@ use rustables::{
 
 use super::encode::{element, encode_rule_exprs, udata_with_comment};
 use super::model::{Change, ForeignRule, RuleSpec, CHAIN, CHAIN_PRIORITY, TABLE};
-use super::netlink::{NlError, Socket, Transaction, NLM_F_APPEND, NLM_F_CREATE};
 use super::observe::{NFT_TYPE_IP6ADDR, NFT_TYPE_IPADDR};
 use super::{a, NFPROTO_INET};
+use crate::netlink::{NlError, Socket, Transaction, NLM_F_APPEND, NLM_F_CREATE};
 use crate::policy::{Family, Range};
 
 /// nft's set userdata: key byte order (what `nft -f` writes for address sets).
