@@ -38,15 +38,17 @@ pub use teardown::{teardown, teardown_with, TeardownReport};
 /// Paths every command takes.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// Configuration file.
+    /// The configuration file messages name first (masqd.toml, or ip-masq-agent's file).
     pub config: PathBuf,
+    /// Where the configuration comes from.
+    pub source: config::Source,
     /// State directory.
     pub state_dir: PathBuf,
 }
 
 /// Loads and validates the configuration and derives the policy.
-pub fn load(path: &Path) -> Result<(Config, Policy), ConfigError> {
-    let cfg = config::load(path)?;
+pub fn load(source: &config::Source) -> Result<(Config, Policy), ConfigError> {
+    let cfg = source.load()?;
     let policy = Policy::from_config(&cfg);
     Ok((cfg, policy))
 }

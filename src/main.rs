@@ -16,9 +16,21 @@ use masqd::state::DEFAULT_STATE_DIR;
 #[derive(Parser, Debug)]
 #[command(name = "masqd", version, about, long_about = None)]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// Configuration file (TOML) [default: /etc/masqd/masqd.toml; not read when
+    /// --ip-masq-agent-config is given without --config].
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// ip-masq-agent's configuration file (YAML or JSON, e.g. the ConfigMap mounted at
+    /// /etc/config/ip-masq-agent; absent: upstream's defaults). Without --config it is the whole
+    /// configuration (pod CIDRs from --pod-cidr, else flannel's /run/flannel/subnet.env); with
+    /// --config it stands for `[node] ip_masq_agent_config`.
+    #[arg(long, global = true, value_name = "PATH")]
+    ip_masq_agent_config: Option<PathBuf>,
+    /// This node's pod CIDR, with --ip-masq-agent-config and no --config (repeatable; none:
+    /// FLANNEL_SUBNET and FLANNEL_IPV6_SUBNET of flannel's subnet.env).
+    #[arg(long, global = true, value_name = "CIDR", requires = "ip_masq_agent_config",
+          conflicts_with = "config", value_parser = parse_pod_cidr)]
+    pod_cidr: Vec<ipnet::IpNet>,
     /// Where masqd records the default rules it removed (for teardown).
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -172,8 +184,10 @@ fn main() -> ExitCode {
         cli.quiet,
     );
     masqd::logging::init(cli.log_format, level);
+    let source = config_source(&cli);
     let paths = Paths {
-        config: cli.config.clone(),
+        config: source.path().to_path_buf(),
+        source,
         state_dir: cli.state_dir.clone(),
     };
     if let Command::Run = cli.command {
@@ -185,6 +199,30 @@ fn main() -> ExitCode {
     match dispatch(&cli.command, &paths) {
         Ok(code) => ExitCode::from(code),
         Err(e) => report_error(&cli.command, &e),
+    }
+}
+
+/// `--pod-cidr`: a CIDR as masqd.toml's `[node] pod_cidrs` takes it.
+fn parse_pod_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    masqd::config::parse_cidr(s)
+}
+
+/// Where the configuration comes from: masqd.toml (with ip-masq-agent's file standing for its
+/// `[node] ip_masq_agent_config` when both are given), or ip-masq-agent's file alone.
+fn config_source(cli: &Cli) -> masqd::config::Source {
+    use masqd::config::Source;
+    match (&cli.config, &cli.ip_masq_agent_config) {
+        (None, Some(file)) => Source::Agent {
+            file: file.clone(),
+            pod_cidrs: cli.pod_cidr.clone(),
+            flannel_subnet_env: PathBuf::from(masqd::config::DEFAULT_FLANNEL_SUBNET_ENV),
+        },
+        (path, agent) => Source::Toml {
+            path: path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+            agent: agent.clone(),
+        },
     }
 }
 
@@ -250,9 +288,9 @@ fn dispatch(command: &Command, paths: &Paths) -> anyhow::Result<u8> {
         Command::Run | Command::Completions { .. } | Command::Manpage => {
             unreachable!("handled in main")
         }
-        Command::Check { reload } => cli::check::check(&paths.config, *reload),
+        Command::Check { reload } => cli::check::check(&paths.source, *reload),
         Command::Teardown => cli::teardown::teardown(paths),
-        Command::Detect { json } => cli::detect::detect(&paths.config, *json),
+        Command::Detect { json } => cli::detect::detect(&paths.source, *json),
         Command::Explain {
             src,
             dst,
@@ -270,19 +308,19 @@ fn dispatch(command: &Command, paths: &Paths) -> anyhow::Result<u8> {
             },
         ),
         Command::Apply => {
-            let (cfg, policy) = engine::load(&paths.config)?;
+            let (cfg, policy) = engine::load(&paths.source)?;
             cli::apply::apply(paths, &cfg, &policy)
         }
         Command::Plan => {
-            let (cfg, policy) = engine::load(&paths.config)?;
+            let (cfg, policy) = engine::load(&paths.source)?;
             cli::apply::plan(&cfg, &policy)
         }
         Command::Status { json } => {
-            let (cfg, policy) = engine::load(&paths.config)?;
+            let (cfg, policy) = engine::load(&paths.source)?;
             cli::apply::status(paths, &cfg, &policy, *json)
         }
         Command::Export { format, family } => {
-            let (cfg, policy) = engine::load(&paths.config)?;
+            let (cfg, policy) = engine::load(&paths.source)?;
             let format = format.map(|f| match f {
                 ExportFormat::Nft => cli::export::Format::Nft,
                 ExportFormat::Iptables => cli::export::Format::Iptables,

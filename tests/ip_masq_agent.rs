@@ -269,3 +269,144 @@ fn a_configmap_update_reaches_the_kernel_within_a_second_without_a_signal() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(nomasq4(&c.a).contains(&want));
 }
+
+/// The venv's PyYAML (scripts/install-deps.sh): the manifests' YAML as JSON.
+fn manifest(name: &str) -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/").to_string() + name;
+    let py = "/opt/masqd-venv/bin/python";
+    assert!(
+        Path::new(py).exists(),
+        "{py} is missing: run `sudo bash scripts/install-deps.sh`"
+    );
+    let o = Command::new(py)
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The DaemonSet's container, run as the kubelet runs it: its args, its env, the ConfigMaps'
+/// files at their mount paths (a private mount namespace: /etc and /var/lib are overlays on
+/// scratch directories, /run a fresh tmpfs, so nothing of the host's file system changes), in
+/// node A's network namespace with flannel's subnet.env as flannel writes it. The policy of the
+/// sample ConfigMap reaches the kernel and /healthz answers on the probe's port.
+#[test]
+fn the_daemonsets_entrypoint_runs_as_the_kubelet_would_run_it() {
+    let c = cluster();
+    let ds = manifest("daemonset.yaml");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let env: Vec<String> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}={}",
+                e["name"].as_str().unwrap(),
+                e["value"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let agent = manifest("configmap.yaml")["data"]["config"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let toml = manifest("masqd-config.yaml")["data"]["masqd.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = TempDir::new();
+    dir.write("ip-masq-agent", &agent);
+    dir.write("masqd.toml", &toml);
+    dir.write(
+        "subnet.env",
+        "FLANNEL_NETWORK=172.7.0.0/16\nFLANNEL_SUBNET=172.7.21.1/24\nFLANNEL_MTU=1450\n",
+    );
+    let t = dir.path().display().to_string();
+    let script = format!(
+        r#"set -e
+for d in etc var/lib; do
+    mkdir -p {t}/up/$d {t}/work/$d
+    mount -t overlay overlay -o lowerdir=/$d,upperdir={t}/up/$d,workdir={t}/work/$d /$d
+done
+mount -t tmpfs tmpfs /run
+mkdir -p /etc/config /etc/masqd /run/flannel /var/lib/masqd /run/masqd
+cp {t}/ip-masq-agent /etc/config/ip-masq-agent
+cp {t}/masqd.toml /etc/masqd/masqd.toml
+cp {t}/subnet.env /run/flannel/subnet.env
+touch /run/xtables.lock
+exec env -i {path} {env} {bin} "$@""#,
+        path = nft_variant_path(),
+        env = env.join(" "),
+        bin = env!("CARGO_BIN_EXE_masqd"),
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &c.a.name,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+    ])
+    .args(["sh", "-c", &script, "entrypoint"])
+    .args(&args)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let _daemon = Killed(cmd.spawn().unwrap());
+    let t0 = Instant::now();
+    let want = [
+        range("10.0.0.0/8"),
+        range("169.254.0.0/16"),
+        range("172.7.0.0/16"),
+    ];
+    while !want
+        .iter()
+        .all(|r| nomasq4(&c.a).iter().any(|(a, b)| a <= &r.0 && b >= &r.1))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the entrypoint never installed the policy: {:?}",
+            nomasq4(&c.a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pods = merge(set_ranges(&c.a.ruleset(), "pod4").unwrap_or_default());
+    assert_eq!(pods, vec![range("172.7.21.0/24")]);
+    // The liveness probe: GET /healthz on the metrics port of masqd-config.yaml.
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    let health = c.a.run(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(health.starts_with("HTTP/1.1 200"), "{health:?}");
+    assert_eq!(
+        seen_source(&c.pa, &c.out, ip(OUTSIDE), 8195),
+        Some(ip("10.200.0.1"))
+    );
+    assert_eq!(
+        seen_source(&c.pa, &c.b, ip("10.200.0.2"), 8196),
+        Some(ip("172.7.21.2"))
+    );
+}

@@ -1,8 +1,6 @@
 //! `masqd check` (validate the configuration, print the policy, optionally ask the daemon to
 //! reload) and `masqd explain` (one connection's verdict): what they print.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use super::exit::OK;
@@ -10,8 +8,8 @@ use crate::engine::{self, Paths};
 
 /// `masqd check [--reload PID]`: the summary (one line for a reload, for the journal), then the
 /// reload request.
-pub fn check(config: &Path, reload: Option<i32>) -> Result<u8> {
-    let cfg = crate::config::load(config)?;
+pub fn check(source: &crate::config::Source, reload: Option<i32>) -> Result<u8> {
+    let cfg = source.load()?;
     let summary = crate::check::summarize(&cfg);
     match reload {
         None => print!("{summary}"),
@@ -45,7 +43,7 @@ pub struct ExplainArgs<'a> {
 pub fn explain(paths: &Paths, a: ExplainArgs<'_>) -> Result<u8> {
     let q =
         crate::explain::Query::parse(a.src, a.dst, a.oif, a.mark).map_err(anyhow::Error::msg)?;
-    let (cfg, policy) = engine::load(&paths.config)?;
+    let (cfg, policy) = engine::load(&paths.source)?;
     let e = crate::explain::explain(&cfg, &policy, &q)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&e)?);

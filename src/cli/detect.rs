@@ -14,12 +14,13 @@ use crate::policy::Family;
 /// `masqd detect`: with a valid configuration, detection with its policy and the overridden
 /// rules; with none, or an invalid one, detection without a policy, saying why (the error
 /// itself is what `masqd check` is for).
-pub fn detect(config: &Path, json: bool) -> Result<u8> {
-    if config_missing(config) {
+pub fn detect(source: &crate::config::Source, json: bool) -> Result<u8> {
+    let config = source.path();
+    if matches!(source, crate::config::Source::Toml { .. }) && config_missing(config) {
         let note = format!("no config file at {}", config.display());
         return detect_without_config(json, &note);
     }
-    let (cfg, policy) = match engine::load(config) {
+    let (cfg, policy) = match engine::load(source) {
         Ok(x) => x,
         Err(e) => {
             return detect_without_config(json, &format!("the configuration is invalid ({e})"))

@@ -3,7 +3,6 @@
 //! `select!`, each turned into a trigger for the scheduler, whose decisions start reconciles
 //! and send the sd_notify states.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -51,7 +50,7 @@ fn fatal(e: &dyn std::fmt::Display) -> ExitCode {
 
 /// The start-up of [`run`], up to the loop and through it: `Err` carries an early exit.
 fn start(paths: Paths) -> Result<ExitCode, ExitCode> {
-    let first = first_config(&paths.config)?;
+    let first = first_config(&paths.source)?;
     // Held until the process ends: `apply` and `teardown` are refused meanwhile (state.rs).
     let _state_lock = match crate::state::State::new(&paths.state_dir).lock_daemon() {
         Ok(l) => l,
@@ -89,8 +88,8 @@ fn start(paths: Paths) -> Result<ExitCode, ExitCode> {
 
 /// The configuration at start-up; None while a file it names is still missing. A broken one
 /// exits with [`EX_CONFIG`].
-fn first_config(path: &Path) -> Result<Option<Config>, ExitCode> {
-    match config::load(path) {
+fn first_config(source: &config::Source) -> Result<Option<Config>, ExitCode> {
+    match source.load() {
         Ok(c) => Ok(Some(c)),
         // A file the config names (flannel's subnet.env) may appear only once flannel runs,
         // which may itself wait for kubelet: start, report, and wait for it.
@@ -120,7 +119,7 @@ async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Conf
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     let mut told = false;
     loop {
-        match config::load(&paths.config) {
+        match paths.source.load() {
             Ok(c) => return Ok(Some(c)),
             Err(e) => {
                 n.notify(&format!(
@@ -359,7 +358,10 @@ impl Daemon {
     /// state (see [`View::offer`]); a new metrics address that cannot be bound refuses the
     /// whole configuration.
     fn reload(&mut self, why: &str) {
-        let loaded = config::load(&self.paths.config)
+        let loaded = self
+            .paths
+            .source
+            .load()
             .map_err(|e| e.to_string())
             .and_then(|cfg| self.exporter.reconfigure(&cfg).map(|()| cfg));
         if self.view.offer(why, loaded) == Reloaded::Changed {
