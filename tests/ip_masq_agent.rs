@@ -391,16 +391,23 @@ exec env -i {path} {env} {bin} "$@""#,
     assert_eq!(pods, vec![range("172.7.21.0/24")]);
     // The liveness probe: GET /healthz on the metrics port of masqd-config.yaml.
     let port = container["ports"][0]["containerPort"].as_u64().unwrap();
-    let health = c.a.run(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    });
+    let get = |path: &'static str| {
+        c.a.run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+    };
+    let health = get("/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health:?}");
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("\nmasqd_config_last_reload_successful 1\n"),
+        "{metrics}"
+    );
     assert_eq!(
         seen_source(&c.pa, &c.out, ip(OUTSIDE), 8195),
         Some(ip("10.200.0.1"))

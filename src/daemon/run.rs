@@ -80,6 +80,9 @@ fn start(paths: Paths) -> Result<ExitCode, ExitCode> {
         Notifier::from_env().notify(&format!("STATUS={}", systemd::one_line(&e)));
         ExitCode::from(EX_CONFIG)
     })?;
+    if let Some(m) = exporter.metrics() {
+        m.config_read(true);
+    }
     match rt.block_on(main_loop(paths, cfg, signals, exporter)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(fatal(&format_args!("{e:#}"))),
@@ -364,6 +367,9 @@ impl Daemon {
             .load()
             .map_err(|e| e.to_string())
             .and_then(|cfg| self.exporter.reconfigure(&cfg).map(|()| cfg));
+        if let Some(m) = self.exporter.metrics() {
+            m.config_read(loaded.is_ok());
+        }
         if self.view.offer(why, loaded) == Reloaded::Changed {
             self.sched.config_changed(Instant::now());
         }

@@ -59,6 +59,8 @@ pub struct Metrics {
     connections: MetricFamily<ConnLabels, Counter>,
     overridden: MetricFamily<TableLabel, Gauge>,
     build_info: MetricFamily<BuildLabels, Gauge>,
+    config_ok: Gauge,
+    config_failures: Counter,
     inner: Mutex<Inner>,
 }
 
@@ -79,6 +81,14 @@ pub struct Reconciled<'a> {
 }
 
 impl Metrics {
+    /// A reading of the configuration (start-up or reload) succeeded or was refused.
+    pub fn config_read(&self, ok: bool) {
+        self.config_ok.set(i64::from(ok));
+        if !ok {
+            self.config_failures.inc();
+        }
+    }
+
     /// Registers every family (the `cause` labels at 0, so a rise is visible from the start).
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::default();
@@ -91,6 +101,8 @@ impl Metrics {
             connections: MetricFamily::default(),
             overridden: MetricFamily::default(),
             build_info: MetricFamily::default(),
+            config_ok: Gauge::default(),
+            config_failures: Counter::default(),
             inner: Mutex::new(Inner {
                 backend: "undecided".into(),
                 ..Inner::default()
@@ -133,6 +145,17 @@ impl Metrics {
             "Other components' source NAT rules that masqd's guard overrides for excepted \
              traffic, by table",
             m.overridden.clone(),
+        );
+        registry.register(
+            "masqd_config_last_reload_successful",
+            "Whether the last reading of the configuration succeeded (0: a broken file, the last \
+             good policy stays in force)",
+            m.config_ok.clone(),
+        );
+        registry.register(
+            "masqd_config_reload_failures",
+            "Readings of the configuration refused since start (the last good policy stayed)",
+            m.config_failures.clone(),
         );
         registry.register(
             "masqd_build_info",

@@ -288,3 +288,33 @@ fn prometheus_text_names_counter_samples() {
          masqd_set_elements{ip_family=\"ipv4\",set=\"pod4\"} 1\n"
     );
 }
+
+#[test]
+fn a_refused_configuration_shows_until_a_good_one_is_read() {
+    let m = Metrics::new();
+    m.config_read(true);
+    assert!(m
+        .render()
+        .contains("\nmasqd_config_last_reload_successful 1\n"));
+    m.config_read(false);
+    m.config_read(false);
+    let text = m.render();
+    assert!(
+        text.contains("\nmasqd_config_last_reload_successful 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nmasqd_config_reload_failures_total 2\n"),
+        "{text}"
+    );
+    m.config_read(true);
+    let text = m.render();
+    assert!(
+        text.contains("\nmasqd_config_last_reload_successful 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nmasqd_config_reload_failures_total 2\n"),
+        "{text}"
+    );
+}
