@@ -4,7 +4,7 @@
 # platform compiles (normal, build and dev dependencies, as Cargo.lock pins them), read from
 # `cargo metadata --locked`. Prints the highest requirement found and each offender.
 # Needs no network once the crates are fetched (`--offline` is tried first).
-# Usage: scripts/check-msrv.sh [VERSION]   (VERSION instead of Cargo.toml's, e.g. to try 1.84)
+# Usage: scripts/check-msrv.sh [VERSION]   (VERSION instead of Cargo.toml's, e.g. to try 1.88)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
