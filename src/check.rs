@@ -128,12 +128,17 @@ fn warnings(cfg: &Config, policy: &Policy, families: &[FamilySummary]) -> Vec<St
     let mut w = Vec::new();
     for fs in families {
         let f = fs.family;
-        let n: usize = fs.exceptions_by_source.iter().map(|(_, n)| n).sum();
+        // ip-masq-agent's link-local ranges are implied for both families, never a mistake.
+        let written = || {
+            fs.exceptions_by_source
+                .iter()
+                .filter(|(s, _)| s != crate::config::ip_masq_agent::LINK_LOCAL_KEY)
+        };
+        let n: usize = written().map(|(_, n)| n).sum();
         match policy.family(f) {
             None if n > 0 => w.push(format!(
                 "{n} {f} exception(s) ({}) but no {f} pod CIDR: they have no effect",
-                fs.exceptions_by_source
-                    .iter()
+                written()
                     .map(|(s, _)| s.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")

@@ -96,8 +96,14 @@ pub fn load_agent_mode(
         at: "command line".to_string(),
     };
     if pods.is_empty() {
-        let n = named(flannel, "flannel's subnet.env (no --pod-cidr given)");
-        let env = load_subnet_env(&n.path).map_err(|e| n.blame(e))?;
+        let n = named(flannel, "flannel's subnet.env");
+        let env = load_subnet_env(&n.path).map_err(|mut e| {
+            e.message.push_str(
+                " (with --ip-masq-agent-config and no --pod-cidr, this node's pod CIDRs come \
+                 from flannel's subnet.env)",
+            );
+            e
+        })?;
         sources.flannel = Some((n, env));
     }
     let n = named(agent, "--ip-masq-agent-config");
