@@ -175,7 +175,7 @@ fn mutated_kernel_answers_never_panic() {
     let mut n = 0usize;
     while Instant::now() < end && n < 2_000_000 {
         n += 1;
-        let as_list = n % 2 == 0 && !lists.is_empty();
+        let as_list = n.is_multiple_of(2) && !lists.is_empty();
         let (mut input, other, family) = if as_list {
             let (f, l) = &lists[rng.usize(..lists.len())];
             (l.clone(), lists[rng.usize(..lists.len())].1.as_slice(), *f)

@@ -413,5 +413,8 @@ fn the_locked_tree_fits_the_stated_rust_version() {
         .unwrap();
     let t = text(&o);
     assert!(!o.status.success(), "1.88 accepted: {t}");
-    assert!(t.contains("serde-saphyr") && t.contains("needs Rust 1.89"), "{t}");
+    assert!(
+        t.contains("serde-saphyr") && t.contains("needs Rust 1.89"),
+        "{t}"
+    );
 }
