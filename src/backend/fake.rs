@@ -296,10 +296,7 @@ impl Driver for FakeDriver {
     }
 
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
-        match observed {
-            Observation::Nft(o) => Changes::Nft(crate::backend::nft::plan::plan(policy, o)),
-            Observation::Legacy(_) => Changes::Nft(Vec::new()),
-        }
+        crate::backend::nft::plan::plan_observation(policy, observed)
     }
 
     fn apply(

@@ -181,10 +181,7 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
     }
 
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
-        match observed {
-            Observation::Nft(o) => Changes::Nft(crate::backend::nft::plan::plan(policy, o)),
-            Observation::Legacy(_) => Changes::Nft(Vec::new()),
-        }
+        crate::backend::nft::plan::plan_observation(policy, observed)
     }
 
     /// Equals `nft -f` of the plan's lines, as one transaction guarded by the generation.

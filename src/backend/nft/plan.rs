@@ -278,3 +278,16 @@ fn push_set_changes(
     }
     out.extend(adds);
 }
+
+/// [`plan`] of an nftables observation, as the nftables-speaking drivers (the kernel's and the
+/// fake) plan: another driver's observation plans nothing.
+pub fn plan_observation(
+    policy: &Policy,
+    observed: &crate::backend::Observation,
+) -> crate::backend::Changes {
+    use crate::backend::{Changes, Observation};
+    match observed {
+        Observation::Nft(o) => Changes::Nft(plan(policy, o)),
+        Observation::Legacy(_) => Changes::Nft(Vec::new()),
+    }
+}
