@@ -334,7 +334,10 @@ impl Driver for FakeDriver {
         let mut out = Restored::default();
         let backend = self.backend;
         self.with(|s| {
-            for r in records.iter().filter(|r| r.backend == backend.name()) {
+            for r in records
+                .iter()
+                .filter(|r| r.backend.known() == Some(backend))
+            {
                 let Some(family) = Family::from_nft_keyword(r.family.as_str()) else {
                     out.problems.push((r.clone(), "unknown family".into()));
                     continue;

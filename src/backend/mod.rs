@@ -74,18 +74,6 @@ impl std::fmt::Display for Backend {
     }
 }
 
-impl PartialEq<str> for Backend {
-    fn eq(&self, other: &str) -> bool {
-        self.name() == other
-    }
-}
-
-impl PartialEq<&str> for Backend {
-    fn eq(&self, other: &&str) -> bool {
-        self.name() == *other
-    }
-}
-
 /// Elements in a transaction above which the daemon mutes its change notifications around the
 /// commit (the kernel then does not build one notification per element).
 pub const QUIET_ELEMENTS: usize = 1_000;

@@ -155,7 +155,10 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         }
     };
     let mut cidrs: Option<Vec<String>> = None;
-    for (key, v) in &map {
+    let keys = document_keys(path, text)?;
+    same_setting_twice(path, text, &keys)?;
+    for key in &keys {
+        let Some(v) = map.get(key) else { continue };
         let Some(known) = KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) else {
             cfg.unknown_keys.push(key.clone());
             continue;
@@ -181,6 +184,79 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     Ok(cfg)
 }
 
+/// The top-level keys in the order the file writes them (a JSON value's map has its own order
+/// and keeps only the last of two equal keys).
+fn document_keys(path: &Path, text: &str) -> Result<Vec<String>, ConfigError> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a mapping")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut v = Vec::new();
+                    while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+                        v.push(k);
+                    }
+                    Ok(Keys(v))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let keys = if text.trim_start().starts_with('{') {
+        serde_json::from_str::<Keys>(text).map_err(|e| e.to_string())
+    } else {
+        serde_saphyr::from_str::<Keys>(text).map_err(|e| e.to_string())
+    };
+    keys.map(|k| k.0).map_err(|e| {
+        error(
+            path,
+            None,
+            None,
+            format!("not valid YAML or JSON: {}", tidy(&e)),
+        )
+    })
+}
+
+/// Two keys for one setting (equal, or equal ignoring case, which Go's JSON decoding upstream
+/// relies on treats as one): refused, naming both, rather than guessing which one is meant.
+fn same_setting_twice(path: &Path, text: &str, keys: &[String]) -> Result<(), ConfigError> {
+    for (i, a) in keys.iter().enumerate() {
+        if let Some(b) = keys[i + 1..].iter().find(|b| b.eq_ignore_ascii_case(a)) {
+            return Err(error(
+                path,
+                line_of_key(text, b),
+                Some(b),
+                format!(
+                    "the file sets {a:?} twice ({b:?}; keys match regardless of case): keep one"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A parser's message without its advice to the programmer ("…, set DuplicateKeyPolicy in
+/// Options", "…; use Option<String>").
+fn tidy(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let cut = [", set ", "; use ", ", use ", " use from_str"]
+        .iter()
+        .filter_map(|m| first.find(m))
+        .min()
+        .unwrap_or(first.len());
+    first[..cut].to_string()
+}
+
 /// YAML or JSON text → a JSON value. Text that starts with `{` is JSON (as upstream's
 /// `yaml.ToJSON`, which passes JSON through), anything else YAML.
 fn to_value(path: &Path, text: &str) -> Result<Value, ConfigError> {
@@ -190,9 +266,7 @@ fn to_value(path: &Path, text: &str) -> Result<Value, ConfigError> {
             .map_err(|e| error(path, Some(e.line()), None, format!("not valid JSON: {e}")));
     }
     serde_saphyr::from_str::<Value>(text).map_err(|e| {
-        let first = e.to_string();
-        let first = first.lines().next().unwrap_or_default().to_string();
-        let first = first.strip_prefix("error: ").unwrap_or(&first).to_string();
+        let first = tidy(&e.to_string());
         let line = first
             .strip_prefix("line ")
             .and_then(|r| r.split(' ').next())
@@ -240,9 +314,13 @@ fn validate(
 
 /// Upstream's `validateCIDR`: Go's `net.ParseCIDR`, then the address must be the network's.
 fn check_cidr(s: &str) -> Result<IpNet, String> {
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| format!("CIDR {s:?} could not be parsed, invalid CIDR address: {s}"))?;
+    let unparsable = || format!("CIDR {s:?} could not be parsed, invalid CIDR address: {s}");
+    // Go's ParseCIDR (since 1.17) refuses IPv4 octets with a leading zero ("010.0.0.0/8").
+    let (addr, _) = s.split_once('/').unwrap_or((s, ""));
+    if !addr.contains(':') && addr.split('.').any(|o| o.len() > 1 && o.starts_with('0')) {
+        return Err(unparsable());
+    }
+    let net: IpNet = s.parse().map_err(|_| unparsable())?;
     if net.trunc() != net {
         return Err(format!(
             "CIDR {s:?} is not aligned to a CIDR block, ip: {:?} network: {:?}",
@@ -277,8 +355,11 @@ fn set_int(slot: &mut i64, v: &Value) -> Result<(), String> {
     match v {
         Value::Null => Ok(()),
         Value::Number(n) => {
+            // Upstream's YAML → JSON step writes a whole float (`2.0`) as `2`.
+            let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15);
             *slot = n
                 .as_i64()
+                .or(whole.map(|f| f as i64))
                 .ok_or_else(|| format!("must be a whole number, found {n}"))?;
             Ok(())
         }

@@ -11,25 +11,14 @@ use crate::exec;
 use crate::netlink::Socket;
 use crate::policy::Family;
 
-pub(super) fn binary_list(f: Family) -> [&'static str; 6] {
-    match f {
-        Family::V4 => [
-            "iptables-legacy",
-            "iptables-legacy-save",
-            "iptables-legacy-restore",
-            "iptables-nft",
-            "iptables-nft-save",
-            "iptables-nft-restore",
-        ],
-        Family::V6 => [
-            "ip6tables-legacy",
-            "ip6tables-legacy-save",
-            "ip6tables-legacy-restore",
-            "ip6tables-nft",
-            "ip6tables-nft-save",
-            "ip6tables-nft-restore",
-        ],
-    }
+/// The legacy and nft variants of the family's iptables binaries (`iptables-legacy`,
+/// `iptables-legacy-save`, …, `ip6tables-nft-restore`), from [`Family::ipt_binaries`].
+pub(super) fn binary_list(f: Family) -> Vec<String> {
+    let base = f.ipt_binary().trim_end_matches("-legacy");
+    ["legacy", "nft"]
+        .iter()
+        .flat_map(|v| ["", "-save", "-restore"].map(|s| format!("{base}-{v}{s}")))
+        .collect()
 }
 
 /// The legacy part of the facts, from the loaded-table list and (when tables are loaded) the
@@ -38,7 +27,7 @@ pub fn legacy_facts(f: Family, facts: &mut Facts) {
     for b in binary_list(f) {
         facts.binaries.insert(
             b.to_string(),
-            exec::find_binary(b).map(|p| p.display().to_string()),
+            exec::find_binary(&b).map(|p| p.display().to_string()),
         );
     }
     facts.legacy_tables = match legacy::tables_loaded(f) {

@@ -3,9 +3,9 @@ use super::*;
 
 fn facts(bins: bool) -> Facts {
     let mut f = Facts::default();
-    for b in binary_list(Family::V4) {
+    for b in &binary_list(Family::V4) {
         f.binaries
-            .insert(b.into(), bins.then(|| format!("/usr/sbin/{b}")));
+            .insert(b.clone(), bins.then(|| format!("/usr/sbin/{b}")));
     }
     f
 }
@@ -131,8 +131,9 @@ fn families_decide_independently() {
 fn no_evidence_anywhere_follows_the_system_iptables() {
     let mut v4 = facts(true);
     let mut v6 = facts(true);
-    for b in binary_list(Family::V6) {
-        v6.binaries.insert(b.into(), Some(format!("/usr/sbin/{b}")));
+    for b in &binary_list(Family::V6) {
+        v6.binaries
+            .insert(b.clone(), Some(format!("/usr/sbin/{b}")));
     }
     for (variant, want) in [
         ("/usr/sbin/xtables-legacy-multi", Backend::Legacy),
@@ -185,8 +186,9 @@ fn a_family_without_evidence_follows_the_other() {
     v4.legacy_tables = vec!["nat".into()];
     v4.legacy_rules = 2;
     let mut v6 = facts(true);
-    for b in binary_list(Family::V6) {
-        v6.binaries.insert(b.into(), Some(format!("/usr/sbin/{b}")));
+    for b in &binary_list(Family::V6) {
+        v6.binaries
+            .insert(b.clone(), Some(format!("/usr/sbin/{b}")));
     }
     // The system default says nft, but IPv4's evidence decides for IPv6 too.
     v6.system_iptables = Some("/usr/sbin/ip6tables -> /usr/sbin/xtables-nft-multi".into());

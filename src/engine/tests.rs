@@ -146,8 +146,8 @@ fn a_default_rule_is_recorded_before_it_is_removed() {
     // The record is there although nothing was removed.
     let recs = State::new(dir.path()).load().expect("records");
     assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].backend, "nft");
-    assert_eq!(recs[0].family, "ip");
+    assert_eq!(recs[0].backend.known(), Some(Backend::Nft));
+    assert_eq!(recs[0].family.known(), Some(Family::V4));
     assert_eq!(recs[0].saddr, "172.7.21.0/24");
     assert_eq!(fake.with(|s| s.foreign.len()), 1);
     // Next time the rule goes; the record stays for teardown, once.
@@ -344,5 +344,8 @@ fn backend_names_are_the_state_file_strings() {
     );
     assert_eq!(Backend::from_name("nft"), Some(Backend::Nft));
     assert_eq!(Backend::from_name("iptables"), None);
-    assert!(Backend::Nft == "nft" && Backend::Legacy != "nft");
+    assert_eq!(
+        (Backend::Nft.name(), Backend::Legacy.name()),
+        ("nft", "legacy")
+    );
 }

@@ -109,6 +109,23 @@ impl Metrics {
             }),
             registry: Registry::default(),
         };
+        m.register_all(&mut registry);
+        for cause in CAUSES {
+            m.repairs
+                .get_or_create(&CauseLabel {
+                    cause: cause.into(),
+                })
+                .inc_by(0);
+        }
+        let mut m = m;
+        m.registry = registry;
+        m.set_build_info("undecided");
+        Arc::new(m)
+    }
+
+    /// Registers every family with its name and help text.
+    fn register_all(&self, registry: &mut Registry) {
+        let m = self;
         registry.register(
             "masqd_sync_duration_seconds",
             "How long a reconcile (observe, plan, apply) took",
@@ -162,17 +179,6 @@ impl Metrics {
             "masqd's version and the backend in use",
             m.build_info.clone(),
         );
-        for cause in CAUSES {
-            m.repairs
-                .get_or_create(&CauseLabel {
-                    cause: cause.into(),
-                })
-                .inc_by(0);
-        }
-        let mut m = m;
-        m.registry = registry;
-        m.set_build_info("undecided");
-        Arc::new(m)
     }
 
     fn set_build_info(&self, backend: &str) {
@@ -253,7 +259,7 @@ impl Metrics {
             .iter()
             .filter(|o| o.reason.starts_with("overridden by"))
         {
-            let table = if o.backend == "legacy" {
+            let table = if o.backend == crate::backend::Backend::Legacy {
                 format!("legacy {}", o.table)
             } else {
                 o.table.clone()

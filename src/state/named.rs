@@ -95,18 +95,6 @@ impl<T: Name> std::fmt::Display for Named<T> {
     }
 }
 
-impl<T: Name> PartialEq<str> for Named<T> {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
-impl<T: Name> PartialEq<&str> for Named<T> {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 impl<T: Name> Serialize for Named<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())

@@ -79,7 +79,7 @@ impl LegacyDriver {
         let mut good = Vec::new();
         for r in records
             .iter()
-            .filter(|r| r.backend == "legacy" && r.family == f.nft_keyword())
+            .filter(|r| r.backend.known() == Some(Backend::Legacy) && r.family.known() == Some(f))
         {
             match legacy::replayable(r) {
                 Ok(_) => good.push(r),
@@ -240,6 +240,15 @@ impl Driver for LegacyDriver {
         let mut out = Restored::default();
         for f in Family::ALL {
             self.restore_family(f, records, &mut out);
+        }
+        // A legacy record of a family this masqd does not know is kept, and said so.
+        for r in records
+            .iter()
+            .filter(|r| r.backend.known() == Some(Backend::Legacy) && r.family.known().is_none())
+        {
+            let why = format!("unknown family {:?}", r.family.as_str());
+            out.problems
+                .push((r.clone(), format!("refused to replay it: {why}")));
         }
         out
     }

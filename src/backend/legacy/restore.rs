@@ -142,7 +142,10 @@ pub fn replayable(rec: &RemovedRule) -> Result<(Family, String), String> {
         .family
         .known()
         .ok_or_else(|| format!("unknown family {:?}", rec.family.as_str()))?;
-    if rec.backend != "legacy" || rec.table != "nat" || rec.chain != "POSTROUTING" {
+    if rec.backend.known() != Some(crate::backend::Backend::Legacy)
+        || rec.table != "nat"
+        || rec.chain != "POSTROUTING"
+    {
         return Err(format!(
             "not a rule of legacy nat POSTROUTING ({} {} {})",
             rec.backend, rec.table, rec.chain
@@ -320,7 +323,7 @@ mod tests {
             &net("10.1.0.0/16"),
             &None,
         );
-        assert_eq!(v4.family, "ip");
+        assert_eq!(v4.family.known(), Some(Family::V4));
         assert_eq!(replayable(&v4).map(|(f, _)| f), Ok(Family::V4));
         let mut odd = rec.clone();
         odd.family = "inet".into();

@@ -227,7 +227,10 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
     fn restore(&mut self, records: &[RemovedRule]) -> Restored {
         let mut out = Restored::default();
         let mut good = Vec::new();
-        for r in records.iter().filter(|r| r.backend == "nft") {
+        for r in records
+            .iter()
+            .filter(|r| r.backend.known() == Some(Backend::Nft))
+        {
             let why = match nft::replayable(r) {
                 Ok(_) if self.available => {
                     good.push(r);

@@ -50,7 +50,10 @@ pub fn replayable(rec: &RemovedRule) -> Result<Replay, String> {
         .family
         .known()
         .ok_or_else(|| format!("unknown family {:?}", rec.family.as_str()))?;
-    if rec.backend != "nft" || rec.table != "nat" || rec.chain != "POSTROUTING" {
+    if rec.backend.known() != Some(crate::backend::Backend::Nft)
+        || rec.table != "nat"
+        || rec.chain != "POSTROUTING"
+    {
         return Err(format!(
             "not a rule of {} nat POSTROUTING ({} {} {})",
             rec.family, rec.backend, rec.table, rec.chain
@@ -96,7 +99,7 @@ pub fn restore_rules(sock: &mut Socket, records: &[&RemovedRule]) -> Result<Vec<
     for f in Family::ALL {
         let recs: Vec<_> = records
             .iter()
-            .filter(|r| r.family == f.nft_keyword())
+            .filter(|r| r.family.known() == Some(f))
             .collect();
         if recs.is_empty() {
             continue;

@@ -39,11 +39,8 @@ pub(super) fn golden(text: &str) -> Vec<u8> {
         .filter(|l| !l.starts_with('#'))
         .flat_map(|l| l.trim().chars())
         .collect();
-    assert!(hex.len().is_multiple_of(2) && !hex.is_empty(), "odd or empty hex");
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
-        .collect()
+    assert!(!hex.is_empty(), "empty hex");
+    crate::state::unhex(&hex).expect("an even number of hex digits")
 }
 
 /// The messages of a captured batch of type `NFT_MSG_<kind>`.

@@ -308,7 +308,57 @@ fn keys_match_case_insensitively_and_unknown_keys_are_reported() {
 #[test]
 fn duplicate_keys_are_refused() {
     let e = err("cidrLimit: 1\ncidrLimit: 64\n");
-    assert!(e.contains("duplicate"), "{e}");
+    assert!(e.contains("duplicate mapping key"), "{e}");
+    assert!(
+        !e.contains("DuplicateKeyPolicy"),
+        "advice to the programmer: {e}"
+    );
+    // JSON keeps the last of two equal keys in a map: masqd still sees both.
+    let e = err("{\"cidrLimit\": 1, \"cidrLimit\": 64}");
+    assert!(e.contains("sets \"cidrLimit\" twice"), "{e}");
+    // Equal ignoring case is the same setting to Go's JSON decoding.
+    let e = err("{\"nonmasqueradecidrs\": [\"192.168.0.0/16\"],\n\"nonMasqueradeCIDRs\": []}");
+    assert!(
+        e.starts_with("/etc/config/ip-masq-agent:2: nonMasqueradeCIDRs: the file sets"),
+        "{e}"
+    );
+    let e = err("masqLinkLocal: true\nMASQLINKLOCAL: false\n");
+    assert!(e.contains("keys match regardless of case"), "{e}");
+}
+
+#[test]
+fn go_refuses_leading_zeros_and_so_does_masqd() {
+    let e = err("nonMasqueradeCIDRs: [010.0.0.0/8]\n");
+    assert!(
+        e.contains("CIDR \"010.0.0.0/8\" could not be parsed"),
+        "{e}"
+    );
+    assert_eq!(
+        ok("nonMasqueradeCIDRs: [10.0.0.0/8, 0.0.0.0/8, \"fd00::/8\"]\n")
+            .non_masquerade_cidrs
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn whole_floats_are_numbers_as_upstreams_yaml_to_json_makes_them() {
+    assert_eq!(ok("cidrLimit: 2.0\nnonMasqueradeCIDRs: []\n").cidr_limit, 2);
+}
+
+#[test]
+fn parser_messages_carry_no_advice_to_programmers() {
+    for text in [
+        "a: 1\n---\nb: 2\n",
+        "resyncInterval: [1\n",
+        "nonMasqueradeCIDRs: [*x]\n",
+    ] {
+        let e = err(text);
+        assert!(e.starts_with("/etc/config/ip-masq-agent"), "{e}");
+        for hint in ["Options", "Option<", "from_str"] {
+            assert!(!e.contains(hint), "{text:?}: {e}");
+        }
+    }
 }
 
 #[test]
