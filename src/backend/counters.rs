@@ -5,8 +5,28 @@
 
 use std::collections::BTreeMap;
 
-use super::{LegacyObserved, Observed};
+use super::{LegacyObserved, Observed, RuleSpec};
 use crate::policy::Family;
+
+/// The verdict a rule of masqd's nftables chain counts, from its tag: the rule is told apart by
+/// identity, its tag being the one [`RuleSpec::tag`] gives the guard (`kept`) or the masquerade
+/// rule (`masqueraded`, with or without `fully-random`) of a family. The status counters and
+/// the metrics both classify by it.
+pub fn verdict_of(tag: &str) -> Option<(Family, &'static str)> {
+    Family::ALL.into_iter().find_map(|f| {
+        let masquerade = [false, true].map(|random_fully| RuleSpec::Masquerade {
+            family: f,
+            random_fully,
+        });
+        if RuleSpec::Guard(f).tag() == tag {
+            Some((f, "kept"))
+        } else if masquerade.iter().any(|r| r.tag() == tag) {
+            Some((f, "masqueraded"))
+        } else {
+            None
+        }
+    })
+}
 
 /// One family's counters in one backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,15 +52,12 @@ pub fn nft(o: &Observed, f: Family) -> Option<Counters> {
         }
     }
     let Some(ch) = &t.chain else { return Some(c) };
-    let masquerade = format!("masqd:masquerade:{}", f.digit());
-    let guard = format!("masqd:guard:{}", f.digit());
     for r in &ch.rules {
-        let tag = r.comment.as_deref().unwrap_or_default();
         let n = r.packets.unwrap_or(0);
-        if tag.starts_with(&masquerade) {
-            c.masqueraded += n;
-        } else if tag == guard {
-            c.kept += n;
+        match r.comment.as_deref().and_then(verdict_of) {
+            Some((rf, "masqueraded")) if rf == f => c.masqueraded += n,
+            Some((rf, "kept")) if rf == f => c.kept += n,
+            _ => {}
         }
     }
     Some(c)

@@ -110,24 +110,7 @@ pub fn repair_causes(p: &Plan) -> BTreeSet<&'static str> {
     out
 }
 
-/// The verdict a rule of masqd's chain counts, from its tag: the rule is told apart by
-/// identity, its tag being the one [`RuleSpec::tag`] gives the guard or the masquerade rule
-/// of a family (with or without `fully-random`).
-pub(super) fn verdict_of(comment: &str) -> Option<(Family, &'static str)> {
-    Family::ALL.into_iter().find_map(|f| {
-        let masquerade = [false, true].map(|random_fully| RuleSpec::Masquerade {
-            family: f,
-            random_fully,
-        });
-        if RuleSpec::Guard(f).tag() == comment {
-            Some((f, "kept"))
-        } else if masquerade.iter().any(|r| r.tag() == comment) {
-            Some((f, "masqueraded"))
-        } else {
-            None
-        }
-    })
-}
+pub(super) use crate::backend::counters::verdict_of;
 
 /// A counter of masqd's nftables chain as read from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
