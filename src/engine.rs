@@ -60,33 +60,85 @@ pub struct Plan {
     pub nft_policy: Policy,
     /// Detection it is based on.
     pub detection: Detection,
-    /// The nftables observation (its generation guards the transaction).
-    pub observed: Observed,
-    /// nftables changes (one transaction).
-    pub nft: Vec<Change>,
-    /// Legacy plans that change something, per family.
-    pub legacy: Vec<(Family, LegacyPlan)>,
-    /// Legacy observations per family (for status).
-    pub legacy_observed: BTreeMap<Family, LegacyObserved>,
+    /// Per driver of the set, in apply order: what it observed and what it would change (one
+    /// transaction each).
+    pub steps: Vec<Step>,
     /// Set when change notifications were muted around a large commit and the ruleset
     /// changed in that window by someone else: the caller should reconcile again.
     pub missed_events: bool,
 }
 
+/// One driver's part of a [`Plan`].
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What the driver observed.
+    pub observed: Observation,
+    /// What it would change.
+    pub changes: Changes,
+}
+
+static NO_NFT_OBSERVATION: std::sync::LazyLock<Observed> =
+    std::sync::LazyLock::new(Observed::default);
+static NO_LEGACY_OBSERVATION: BTreeMap<Family, LegacyObserved> = BTreeMap::new();
+
 impl Plan {
     /// Whether nothing needs to change.
     pub fn is_empty(&self) -> bool {
-        self.nft.is_empty() && self.legacy.is_empty()
+        self.steps.iter().all(|s| s.changes.is_empty())
     }
 
-    /// Number of changes.
+    /// Number of changes (a legacy family's restore counts its lines, at least one).
     pub fn len(&self) -> usize {
-        self.nft.len()
+        self.nft_changes().len()
             + self
-                .legacy
+                .legacy_plans()
                 .iter()
                 .map(|(_, p)| p.summary.len().max(1))
                 .sum::<usize>()
+    }
+
+    /// The nftables changes (empty without an nftables driver).
+    pub fn nft_changes(&self) -> &[Change] {
+        self.steps
+            .iter()
+            .find_map(|s| match &s.changes {
+                Changes::Nft(c) => Some(c.as_slice()),
+                Changes::Legacy(_) => None,
+            })
+            .unwrap_or(&[])
+    }
+
+    /// The legacy plans that change something, per family.
+    pub fn legacy_plans(&self) -> &[(Family, LegacyPlan)] {
+        self.steps
+            .iter()
+            .find_map(|s| match &s.changes {
+                Changes::Legacy(l) => Some(l.as_slice()),
+                Changes::Nft(_) => None,
+            })
+            .unwrap_or(&[])
+    }
+
+    /// The nftables observation (its generation guards the transaction; empty without one).
+    pub fn nft_observed(&self) -> &Observed {
+        self.steps
+            .iter()
+            .find_map(|s| match &s.observed {
+                Observation::Nft(o) => Some(o),
+                Observation::Legacy(_) => None,
+            })
+            .unwrap_or(&NO_NFT_OBSERVATION)
+    }
+
+    /// The legacy observations per family (for status).
+    pub fn legacy_observed(&self) -> &BTreeMap<Family, LegacyObserved> {
+        self.steps
+            .iter()
+            .find_map(|s| match &s.observed {
+                Observation::Legacy(m) => Some(m),
+                Observation::Nft(_) => None,
+            })
+            .unwrap_or(&NO_LEGACY_OBSERVATION)
     }
 
     /// The backend of each family the policy has (`ipv4`, `ipv6`).
@@ -117,11 +169,11 @@ impl Plan {
     /// with the guard never decides a connection's source.
     pub fn touches_own(&self) -> bool {
         let nft = self
-            .nft
+            .nft_changes()
             .iter()
             .any(|c| !matches!(c, Change::RemoveDefaultRule(_)));
         let legacy = self
-            .legacy
+            .legacy_plans()
             .iter()
             .any(|(_, lp)| lp.summary.iter().any(|s| !s.ends_with("(default rule)")));
         nft || legacy
@@ -239,24 +291,14 @@ fn plan_of(set: &DriverSet<'_>, detection: Detection, steps: Steps) -> Plan {
                 .unwrap_or_else(Policy::empty)
         },
         detection,
-        observed: Observed::default(),
-        nft: Vec::new(),
-        legacy: Vec::new(),
-        legacy_observed: BTreeMap::new(),
+        steps: Vec::new(),
         missed_events: false,
     };
-    for (slot, (o, c)) in set.slots.iter().zip(steps) {
-        if let Observation::Nft(_) = o {
+    for (slot, (observed, changes)) in set.slots.iter().zip(steps) {
+        if let Observation::Nft(_) = observed {
             p.nft_policy = slot.policy.clone();
         }
-        match o {
-            Observation::Nft(o) => p.observed = o,
-            Observation::Legacy(m) => p.legacy_observed = m,
-        }
-        match c {
-            Changes::Nft(c) => p.nft = c,
-            Changes::Legacy(l) => p.legacy = l,
-        }
+        p.steps.push(Step { observed, changes });
     }
     p
 }
@@ -282,10 +324,10 @@ impl Plan {
         if self.detection.ipv4.has_guard() && self.detection.ipv6.has_guard() {
             rules = nft.nat_rules(&Observation::Nft(Observed::default()))?;
         }
-        let legacy = Observation::Legacy(self.legacy_observed.clone());
+        let legacy = Observation::Legacy(self.legacy_observed().clone());
         rules.extend(LegacyDriver::default().nat_rules(&legacy)?);
         let removed_nft: Vec<(Family, &str, &str, u64)> = self
-            .nft
+            .nft_changes()
             .iter()
             .filter_map(|c| match c {
                 Change::RemoveDefaultRule(r) => {
@@ -302,7 +344,7 @@ impl Plan {
                         *rf == f && *t == r.table && *c == r.chain && *h == r.handle
                     });
             }
-            self.legacy.iter().any(|(lf, lp)| {
+            self.legacy_plans().iter().any(|(lf, lp)| {
                 *lf == f
                     && lp
                         .removed_defaults

@@ -268,7 +268,7 @@ pub fn log_plan_details(plan: &crate::engine::Plan) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
-    for c in &plan.nft {
+    for c in plan.nft_changes() {
         let (verb, set, family, ranges) = match c {
             Change::AddElements {
                 set,
@@ -294,7 +294,7 @@ pub fn log_plan_details(plan: &crate::engine::Plan) {
             bounded_list(&shown, LIST_BOUND)
         );
     }
-    for (f, lp) in &plan.legacy {
+    for (f, lp) in plan.legacy_plans() {
         for s in &lp.summary {
             tracing::debug!(family = %f, "applied in legacy xtables: {s}");
         }

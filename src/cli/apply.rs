@@ -117,10 +117,10 @@ fn print_changes(p: &Plan, full: bool) {
 /// and each legacy family's `iptables-legacy-restore --noflush --wait` payload) prints.
 pub fn change_lines(p: &Plan, full: bool) -> Vec<String> {
     let mut out = Vec::new();
-    for c in &p.nft {
+    for c in p.nft_changes() {
         out.push(if full { c.to_string() } else { c.summary() });
     }
-    for (f, lp) in &p.legacy {
+    for (f, lp) in p.legacy_plans() {
         let (_, restore, _) = f.ipt_binaries();
         if full {
             out.push(format!("# {f}: {restore} --noflush --wait <<EOF"));

@@ -169,11 +169,11 @@ impl View {
             return;
         }
         let what: Vec<String> = plan
-            .nft
+            .nft_changes()
             .iter()
             .map(|c| c.summary())
             .chain(
-                plan.legacy
+                plan.legacy_plans()
                     .iter()
                     .flat_map(|(f, l)| l.summary.iter().map(move |s| format!("{f} legacy: {s}"))),
             )

@@ -141,11 +141,11 @@ pub fn status_of(
         backend: p.backend_name(policy),
         in_sync: p.is_empty(),
         pending_changes: p.len(),
-        table_present: p.observed.table.is_some(),
+        table_present: p.nft_observed().table.is_some(),
         ipv4: fam(Family::V4),
         ipv6: fam(Family::V6),
-        default_rules_present: crate::backend::default_rules_present(policy, &p.observed)
-            + p.legacy
+        default_rules_present: crate::backend::default_rules_present(policy, p.nft_observed())
+            + p.legacy_plans()
                 .iter()
                 .map(|(_, l)| l.removed_defaults.len())
                 .sum::<usize>(),
@@ -170,8 +170,8 @@ impl Status {
 fn count(p: &Plan, st: &mut Status) {
     for f in Family::ALL {
         let Some(fs) = st.family_mut(f) else { continue };
-        let nft = counters::nft(&p.observed, f);
-        let legacy = p.legacy_observed.get(&f).map(counters::legacy);
+        let nft = counters::nft(p.nft_observed(), f);
+        let legacy = p.legacy_observed().get(&f).map(counters::legacy);
         for c in std::iter::once(nft).chain(legacy).flatten() {
             fs.sets.extend(c.sets);
             fs.masqueraded_connections += c.masqueraded;

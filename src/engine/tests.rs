@@ -107,7 +107,7 @@ fn second_plan_is_empty() {
     let fake = FakeDriver::default();
     apply_fake(&fake, dir.path()).expect("first");
     let again = apply_fake(&fake, dir.path()).expect("second");
-    assert!(again.is_empty(), "{:?}", again.nft);
+    assert!(again.is_empty(), "{:?}", again.nft_changes());
     assert_eq!(again.len(), 0);
     assert_eq!(
         fake.with(|s| s.log.len()),
@@ -126,8 +126,8 @@ fn drift_is_repaired() {
         t.sets.get_mut("nomasq4").expect("set").ranges = Some(Vec::new());
     });
     let p = apply_fake(&fake, dir.path()).expect("repair");
-    assert_eq!(p.len(), 1, "{:?}", p.nft);
-    assert!(p.nft[0]
+    assert_eq!(p.len(), 1, "{:?}", p.nft_changes());
+    assert!(p.nft_changes()[0]
         .summary()
         .starts_with("add element inet masqd nomasq4 (2 intervals)"));
     assert_eq!(fake.dump(), WANT);

@@ -88,7 +88,7 @@ pub(super) struct Inner {
 /// re-added (and removed again), its legacy chain or jump drifted.
 pub fn repair_causes(p: &Plan) -> BTreeSet<&'static str> {
     let mut out = BTreeSet::new();
-    for c in &p.nft {
+    for c in p.nft_changes() {
         out.insert(match c {
             Change::AddTable => "table_gone",
             Change::AddElements { .. } | Change::DeleteElements { .. } => "elements_changed",
@@ -96,7 +96,7 @@ pub fn repair_causes(p: &Plan) -> BTreeSet<&'static str> {
             _ => "rule_changed",
         });
     }
-    for (_, lp) in &p.legacy {
+    for (_, lp) in p.legacy_plans() {
         if !lp.removed_defaults.is_empty() {
             out.insert("broad_rule_readded");
         }
@@ -144,7 +144,12 @@ pub(super) fn observe_chain(inner: &mut Inner, rules: &[ChainCounter], genid: u3
 
 /// The counters a reconcile read (before its changes), then the rules it rebuilt.
 pub(super) fn observe_plan(inner: &mut Inner, p: &Plan) {
-    if let Some(ch) = p.observed.table.as_ref().and_then(|t| t.chain.as_ref()) {
+    if let Some(ch) = p
+        .nft_observed()
+        .table
+        .as_ref()
+        .and_then(|t| t.chain.as_ref())
+    {
         for r in &ch.rules {
             let packets = r.packets.unwrap_or(0);
             observe_rule(
@@ -152,12 +157,12 @@ pub(super) fn observe_plan(inner: &mut Inner, p: &Plan) {
                 r.comment.as_deref(),
                 r.handle,
                 packets,
-                p.observed.genid,
+                p.nft_observed().genid,
             );
         }
     }
-    let committed = p.observed.genid.wrapping_add(1);
-    for c in &p.nft {
+    let committed = p.nft_observed().genid.wrapping_add(1);
+    for c in p.nft_changes() {
         let (f, v) = match c {
             Change::AddRule(RuleSpec::Guard(f)) => (*f, "kept"),
             Change::AddRule(RuleSpec::Masquerade { family, .. }) => (*family, "masqueraded"),
@@ -169,7 +174,7 @@ pub(super) fn observe_plan(inner: &mut Inner, p: &Plan) {
             .or_default()
             .rebuilt(committed);
     }
-    for (f, lo) in &p.legacy_observed {
+    for (f, lo) in p.legacy_observed() {
         let (masq, kept) = legacy_counts(lo);
         for (v, n) in [("masqueraded", masq), ("kept", kept)] {
             inner
