@@ -31,7 +31,8 @@ mod teardown;
 mod tests;
 
 pub use backend::{Mute, QUIET_ELEMENTS};
-pub use detection::{detect_with, detect_without_policy, Detection, FamilyDetection};
+pub use detection::{detect_cached, detect_with, detect_without_policy, LegacyFacts};
+pub use detection::{Detection, FamilyDetection};
 pub use report::{status, status_of, status_with, FamilyStatus, RecordedRule, Status};
 pub use teardown::{teardown, teardown_with, TeardownReport};
 
@@ -166,17 +167,36 @@ impl Plan {
 
     /// Whether the plan repairs masqd's own objects (its table, chain, rules, set elements,
     /// legacy chain or jump), as opposed to only removing a re-added broad default rule, which
-    /// with the guard never decides a connection's source.
+    /// with the guard never decides a connection's source. Moving masqd's legacy jump back to
+    /// the head of POSTROUTING counts as part of the removal when only the broad rules removed
+    /// stand in front of it (a head insert like Docker's pushed it down).
     pub fn touches_own(&self) -> bool {
         let nft = self
             .nft_changes()
             .iter()
             .any(|c| !matches!(c, Change::RemoveDefaultRule(_)));
-        let legacy = self
-            .legacy_plans()
-            .iter()
-            .any(|(_, lp)| lp.summary.iter().any(|s| !s.ends_with("(default rule)")));
+        let legacy = self.legacy_plans().iter().any(|(f, lp)| {
+            lp.summary
+                .iter()
+                .any(|s| !s.ends_with("(default rule)") && !self.only_pushed_down(*f, lp, s))
+        });
         nft || legacy
+    }
+
+    /// Whether `line` of the legacy plan of `f` moves the jump back to the head of POSTROUTING
+    /// only because broad rules this plan removes were inserted in front of it.
+    fn only_pushed_down(&self, f: Family, lp: &LegacyPlan, line: &str) -> bool {
+        let Some(jump) = line.strip_prefix("insert rule nat POSTROUTING 1 ") else {
+            return false;
+        };
+        let Some(o) = self.legacy_observed().get(&f) else {
+            return false;
+        };
+        let removed = |r: &String| lp.removed_defaults.iter().any(|(s, _, _)| s == r);
+        let mut kept = o.postrouting.iter().filter(|r| !removed(r));
+        kept.next().map(String::as_str) == Some(jump)
+            && !kept.any(|r| r == jump)
+            && o.postrouting.iter().any(|r| r == jump)
     }
 }
 
@@ -383,6 +403,20 @@ pub fn apply_nft_with(
     policy: &Policy,
     mute: Option<Mute<'_>>,
 ) -> Result<Plan> {
+    apply_nft_cached(nft, state_dir, mode, policy, mute, &mut None)
+}
+
+/// [`apply_nft_with`] with the legacy detection facts from `legacy` when it holds them (the
+/// daemon keeps them while legacy xtables did not change: no `iptables-legacy-save` for
+/// detection), else gathered and left there. A failure empties it.
+pub fn apply_nft_cached(
+    nft: &mut dyn Driver,
+    state_dir: &Path,
+    mode: config::BackendMode,
+    policy: &Policy,
+    mute: Option<Mute<'_>>,
+    legacy: &mut LegacyFacts,
+) -> Result<Plan> {
     let state = State::new(state_dir);
     // A state file that cannot be read is refused before anything changes, whether or not
     // this apply has a rule to record.
@@ -390,7 +424,7 @@ pub fn apply_nft_with(
         backend::retry_on_generation_change(
             "nftables ruleset changed while planning; planning again",
             |_| {
-                let detection = detect_with(mode, policy, &mut *nft)?;
+                let detection = detect_cached(mode, policy, &mut *nft, &mut *legacy)?;
                 let mut set = drivers(&detection, policy, Box::new(&mut *nft))?;
                 apply_once(&mut set, &state, detection, mute)
             },
@@ -398,6 +432,7 @@ pub fn apply_nft_with(
     });
     if r.is_err() {
         nft.forget();
+        *legacy = None;
     }
     r
 }

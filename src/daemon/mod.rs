@@ -3,7 +3,8 @@
 //!
 //! The pipeline of `apply`, triggered by start-up, SIGHUP, changes to the config file and
 //! flannel's subnet.env (inotify on their directories), nftables change notifications
-//! (NFNLGRP_NFTABLES) and a resync timer (the only way to see legacy drift).
+//! (NFNLGRP_NFTABLES), legacy xtables changes (inotify on the xtables lock file, confirmed by
+//! the nat table's entry count and size) and a slow resync timer (a safety net).
 //!
 //! Bursts coalesce: while a reconcile runs, triggers only mark the state dirty, and one more
 //! reconcile follows. The notifications caused by masqd's own transactions carry the port id
@@ -13,15 +14,18 @@
 //! exists only against a writer that keeps undoing masqd's own table or chain (two daemons
 //! fighting), where unlimited repairs would burn CPU and flood the ruleset. Removing a
 //! re-added broad rule (Docker's restarts) is never rate-limited.
-//! Idle means idle: besides the resync timer and the watchdog, nothing wakes the loop but
+//! Idle means idle: besides the resync timer, the watchdog and (while a legacy nat table is
+//! loaded) a 5 s look at its info without a binary, nothing wakes the loop but
 //! events. Stopping leaves the rules in place.
 //!
 //! Layout: [`triggers`] (what asks for a reconcile), [`scheduler`] (when it runs: coalescing,
 //! backoff, repair rate limit, READY and reload decisions, resync and trim deadlines; no I/O,
 //! the clock is passed in), `view` (the live configuration and the STATUS= line), `reconcile`
-//! (the one call into the engine), `watch` (inotify), `signals` (signalfd), [`notify`]
+//! (the one call into the engine), `watch` (inotify), `legacy` (the legacy change source),
+//! `signals` (signalfd), [`notify`]
 //! (sd_notify) and `run` (start-up and the select loop).
 
+mod legacy;
 mod monitor;
 pub mod notify;
 mod reconcile;

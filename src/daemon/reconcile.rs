@@ -1,7 +1,7 @@
 //! The one call from the daemon into the engine: a reconcile on a blocking task over the nft
 //! driver the daemon keeps (its socket's port id marks masqd's own notifications; its set cache
 //! is carried from one reconcile to the next), with the notifications muted around large
-//! commits.
+//! commits, and the legacy detection facts kept while legacy xtables did not change.
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use super::triggers::Trigger;
 use super::TARGET;
 use crate::backend::{Driver, NftDriver};
 use crate::config::Config;
-use crate::engine::{self, Plan};
+use crate::engine::{self, LegacyFacts, Plan};
 use crate::metrics::Metrics;
 use crate::netlink::Socket;
 use crate::policy::Policy;
@@ -41,13 +41,16 @@ pub(super) struct Finished {
     pub took: Duration,
 }
 
-/// What the reconcile task hands back: the driver (its socket and set cache) and the result.
-pub(super) type Output = (NftDriver, Finished);
+/// What the reconcile task hands back: the driver (its socket and set cache), the legacy
+/// detection facts, and the result.
+pub(super) type Output = (NftDriver, LegacyFacts, Finished);
 
 /// The nft driver (the apply socket and the set cache), lent to the reconcile task while it
 /// runs.
 pub(super) struct Reconciler {
     drv: Option<NftDriver>,
+    /// The legacy detection facts of the last reconcile (lent to the running one).
+    facts: LegacyFacts,
     own_pid: u32,
     job: Option<JoinHandle<Output>>,
 }
@@ -66,6 +69,7 @@ impl Reconciler {
         Ok(Reconciler {
             own_pid,
             drv: Some(drv),
+            facts: None,
             job: None,
         })
     }
@@ -80,7 +84,7 @@ impl Reconciler {
         self.job.is_none() && self.drv.is_some()
     }
 
-    /// Starts a reconcile on a blocking task (`engine::apply_nft_with`).
+    /// Starts a reconcile on a blocking task (`engine::apply_nft_cached`).
     pub fn start(&mut self, inp: Inputs) {
         let Some(mut drv) = self.drv.take() else {
             return;
@@ -88,6 +92,10 @@ impl Reconciler {
         if inp.full {
             drv.forget();
         }
+        let mut facts = self
+            .facts
+            .take()
+            .filter(|_| inp.trigger.keeps_legacy_facts());
         self.job = Some(tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             // Mute our own notifications around large commits (the kernel would build one
@@ -99,12 +107,13 @@ impl Reconciler {
                     tracing::warn!(target: TARGET, "{e}");
                 }
             };
-            let result = engine::apply_nft_with(
+            let result = engine::apply_nft_cached(
                 &mut drv,
                 &inp.state_dir,
                 inp.cfg.mode,
                 &inp.policy,
                 Some(&mute),
+                &mut facts,
             );
             let took = t.elapsed();
             if let (Some(m), Ok(p)) = (&inp.overridden_to, &result) {
@@ -113,6 +122,7 @@ impl Reconciler {
             let trigger = inp.trigger;
             (
                 drv,
+                facts,
                 Finished {
                     trigger,
                     result,
@@ -135,12 +145,15 @@ impl Reconciler {
     }
 
     /// Takes the driver (socket and set cache) back from a reconcile that ended; `keep` says,
-    /// given whether it succeeded, whether its cache may be used by the next one.
+    /// given whether it succeeded, whether its cache may be used by the next one. The legacy
+    /// detection facts are kept unless it failed or changed legacy xtables itself.
     pub fn finished(&mut self, out: Output, keep: impl FnOnce(bool) -> bool) -> Finished {
-        let (mut drv, f) = out;
+        let (mut drv, facts, f) = out;
         if !keep(f.result.is_ok()) {
             drv.forget();
         }
+        let legacy_unchanged = f.result.as_ref().is_ok_and(|p| p.legacy_plans().is_empty());
+        self.facts = facts.filter(|_| legacy_unchanged);
         self.drv = Some(drv);
         f
     }
@@ -150,6 +163,7 @@ impl Reconciler {
         let (drv, own_pid) = open_driver("reopening netlink")?;
         self.own_pid = own_pid;
         self.drv = Some(drv);
+        self.facts = None;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use nix::sys::inotify::InotifyEvent;
 use nix::sys::signal::Signal;
 use tokio::task::JoinError;
 
+use super::legacy::{lockfile, LegacyWatch};
 use super::monitor::Monitor;
 use super::notify::{self as systemd, Notifier};
 use super::reconcile::{Inputs, Output, Reconciler};
@@ -159,6 +160,10 @@ enum Wake {
     Signal(Signal),
     Netlink(Result<Vec<Event>, NlError>),
     Files(Vec<InotifyEvent>),
+    /// Events on the xtables lock file.
+    Legacy(Vec<InotifyEvent>),
+    /// The cheap look at the legacy nat tables' info.
+    LegacyPoll,
     Resync,
     Watchdog,
     /// The owed reconcile's time came.
@@ -179,7 +184,13 @@ struct Daemon {
     reconciler: Reconciler,
     monitor: Monitor,
     watcher: Watcher,
+    legacy: LegacyWatch,
 }
+
+/// How often the legacy nat tables' info is sampled without an event (one getsockopt per
+/// family, no binary), while a legacy nat table is loaded: changes by a writer that does not
+/// take the xtables lock.
+const LEGACY_POLL: Duration = Duration::from_secs(5);
 
 async fn main_loop(
     paths: Paths,
@@ -191,6 +202,7 @@ async fn main_loop(
     let reconciler = Reconciler::open()?;
     let monitor = Monitor::open()?;
     let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
+    let legacy = LegacyWatch::new(lockfile())?;
     let mut d = Daemon {
         sched: Scheduler::new(Instant::now(), view.resync()),
         paths,
@@ -201,10 +213,13 @@ async fn main_loop(
         reconciler,
         monitor,
         watcher,
+        legacy,
     };
     let wd_period = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(wd_period.unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut legacy_poll = tokio::time::interval(LEGACY_POLL);
+    legacy_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     d.status();
 
     loop {
@@ -219,6 +234,8 @@ async fn main_loop(
             sig = signals.recv() => Wake::Signal(sig?),
             ev = d.monitor.next() => Wake::Netlink(ev?),
             evs = d.watcher.next() => Wake::Files(evs?),
+            evs = d.legacy.next() => Wake::Legacy(evs?),
+            _ = legacy_poll.tick(), if d.legacy.nat_loaded() => Wake::LegacyPoll,
             _ = tokio::time::sleep_until(resync_at) => Wake::Resync,
             _ = watchdog.tick(), if wd_period.is_some() => Wake::Watchdog,
             _ = tokio::time::sleep_until(due) => Wake::Due,
@@ -233,6 +250,12 @@ async fn main_loop(
             Wake::Signal(_) => break,
             Wake::Netlink(ev) => d.netlink(ev),
             Wake::Files(evs) => d.files_changed(&evs),
+            Wake::Legacy(evs) => {
+                if d.legacy.take_in(&evs) {
+                    d.legacy_check();
+                }
+            }
+            Wake::LegacyPoll => d.legacy_check(),
             Wake::Resync => d.sched.resync_due(Instant::now()),
             Wake::Watchdog => d.notifier.notify("WATCHDOG=1"),
             Wake::Due => {}
@@ -263,6 +286,7 @@ impl Daemon {
             return;
         };
         let full = self.monitor.overflow.starting();
+        self.legacy.starting();
         self.reconciler.start(Inputs {
             trigger: s.trigger,
             cfg: self.view.cfg.clone(),
@@ -321,6 +345,20 @@ impl Daemon {
         }
         self.sched
             .set_resync_period(Instant::now(), self.view.resync());
+        let legacy_applied = f
+            .result
+            .as_ref()
+            .map_or(true, |p| !p.legacy_plans().is_empty());
+        if let Some(t) = self.legacy.ended(legacy_applied) {
+            self.sched.trigger(t);
+        }
+    }
+
+    /// The legacy nat tables' info may have changed: a reconcile when it did.
+    fn legacy_check(&mut self) {
+        if let Some(t) = self.legacy.check() {
+            self.sched.trigger(t);
+        }
     }
 
     /// The blocking task panicked: a fresh socket, and retry.
@@ -329,6 +367,7 @@ impl Daemon {
         self.reconciler.crashed()?;
         self.monitor.overflow.ended(false);
         self.monitor.listen_quietly();
+        self.legacy.ended(true);
         self.sched.crashed();
         self.sched
             .set_resync_period(Instant::now(), self.view.resync());

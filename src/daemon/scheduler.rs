@@ -27,14 +27,12 @@ pub fn backoff(failures: u32) -> Duration {
         .min(Duration::from_secs(5))
 }
 
-/// The resync period: the configured one, else 5 s while legacy xtables are in use (their
-/// changes raise no notification) and 60 s otherwise.
-pub fn resync_period(configured: Option<Duration>, legacy_in_use: bool) -> Duration {
-    configured.unwrap_or(if legacy_in_use {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(60)
-    })
+/// The resync period: the configured one, else 60 s, legacy xtables in use or not: legacy
+/// changes are seen through the xtables lock file and the nat table's info (`daemon::legacy`),
+/// so the resync is only a safety net there too.
+/// (`_legacy_in_use` stays for the callers that pass it.)
+pub fn resync_period(configured: Option<Duration>, _legacy_in_use: bool) -> Duration {
+    configured.unwrap_or(Duration::from_secs(60))
 }
 
 /// A reconcile the loop should start now.

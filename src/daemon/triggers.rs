@@ -26,6 +26,9 @@ pub enum Trigger {
     MonitorOverflow,
     /// The ruleset changed while masqd's notifications were muted around a large commit.
     MissedEvents,
+    /// The legacy nat table's info (entry count, size, hook offsets) changed: someone else
+    /// committed to legacy xtables.
+    LegacyChanged,
     /// The resync timer.
     Resync,
     /// The reconcile task died; the same work again.
@@ -39,6 +42,17 @@ impl Trigger {
         matches!(
             self,
             Trigger::Start | Trigger::Resync | Trigger::Reload | Trigger::ConfigChanged
+        )
+    }
+
+    /// Whether this reconcile may decide the backend from the legacy detection facts of the
+    /// last one (no `iptables-legacy-save` for detection): only after nftables notifications,
+    /// which say nothing about legacy xtables. A legacy change, the resync (the safety net),
+    /// start-up, reloads and retries read them again.
+    pub fn keeps_legacy_facts(self) -> bool {
+        matches!(
+            self,
+            Trigger::NetlinkEvent | Trigger::MonitorOverflow | Trigger::MissedEvents
         )
     }
 
@@ -63,6 +77,7 @@ impl fmt::Display for Trigger {
             Trigger::NetlinkEvent => "nftables change",
             Trigger::MonitorOverflow => "lost nftables notifications",
             Trigger::MissedEvents => "ruleset changed while masqd was committing",
+            Trigger::LegacyChanged => "legacy xtables change",
             Trigger::Resync => "resync",
             Trigger::Retry => "retry",
         })
@@ -218,6 +233,7 @@ mod tests {
                 Trigger::MissedEvents,
                 "ruleset changed while masqd was committing",
             ),
+            (Trigger::LegacyChanged, "legacy xtables change"),
             (Trigger::Resync, "resync"),
             (Trigger::Retry, "retry"),
         ];
@@ -238,6 +254,24 @@ mod tests {
                 Trigger::Resync
             ]
         );
+    }
+
+    #[test]
+    fn only_nftables_notifications_keep_the_legacy_facts() {
+        use Trigger::*;
+        let all = [
+            Start,
+            ConfigChanged,
+            Reload,
+            NetlinkEvent,
+            MonitorOverflow,
+            MissedEvents,
+            LegacyChanged,
+            Resync,
+            Retry,
+        ];
+        let kept: Vec<Trigger> = all.into_iter().filter(|t| t.keeps_legacy_facts()).collect();
+        assert_eq!(kept, [NetlinkEvent, MonitorOverflow, MissedEvents]);
     }
 
     #[test]

@@ -83,10 +83,49 @@ pub fn detect_with(
     policy: &Policy,
     nft: &mut dyn Driver,
 ) -> Result<Detection> {
-    let mut legacy = LegacyDriver::default();
-    let mut gather = |f: Family| detect::gather_from(f, &mut [&mut legacy, &mut *nft]);
-    let v4 = gather(Family::V4).context("detecting the ipv4 backend")?;
-    let v6 = gather(Family::V6).context("detecting the ipv6 backend")?;
+    detect_cached(mode, policy, nft, &mut None)
+}
+
+/// The legacy facts of both families (`[ipv4, ipv6]`, only the parts the legacy driver
+/// gathers: binaries, loaded tables, the `iptables-legacy-save` counts, the node's own
+/// `iptables` variant), kept by the daemon between reconciles while legacy xtables did not
+/// change.
+pub type LegacyFacts = Option<[Facts; 2]>;
+
+/// [`detect_with`] with the legacy facts from `legacy` when it holds them (then no binary
+/// runs), else gathered now and left there for the next call.
+pub fn detect_cached(
+    mode: config::BackendMode,
+    policy: &Policy,
+    nft: &mut dyn Driver,
+    legacy: &mut LegacyFacts,
+) -> Result<Detection> {
+    let [l4, l6] = match legacy {
+        Some(l) => l.clone(),
+        None => {
+            let mut drv = LegacyDriver::default();
+            let mut gather = |f: Family| detect::gather_from(f, &mut [&mut drv]);
+            let v4 = gather(Family::V4).context("detecting the ipv4 backend")?;
+            let v6 = gather(Family::V6).context("detecting the ipv6 backend")?;
+            legacy.insert([v4, v6]).clone()
+        }
+    };
+    let mut with_nft = |f: Family, mut facts: Facts| -> Result<Facts> {
+        nft.facts(f, &mut facts)?;
+        Ok(facts)
+    };
+    let v4 = with_nft(Family::V4, l4).context("detecting the ipv4 backend")?;
+    let v6 = with_nft(Family::V6, l6).context("detecting the ipv6 backend")?;
+    decide_detection(mode, policy, v4, v6)
+}
+
+/// The decision of both families from their facts (design.md §4).
+fn decide_detection(
+    mode: config::BackendMode,
+    policy: &Policy,
+    v4: Facts,
+    v6: Facts,
+) -> Result<Detection> {
     let decisions = detect::decide_both(mode, [&v4, &v6]);
     let mut out = Vec::new();
     for ((f, facts), d) in Family::ALL.into_iter().zip([v4, v6]).zip(decisions) {

@@ -349,3 +349,57 @@ fn backend_names_are_the_state_file_strings() {
         ("nft", "legacy")
     );
 }
+
+/// A legacy-only plan of IPv4 over `save` (the text of `iptables-legacy-save -t nat`).
+fn legacy_plan_over(save: &str) -> Plan {
+    let p = policy();
+    let o = LegacyObserved::from_save(save);
+    let fp = p.family(Family::V4).expect("ipv4 policy");
+    let active = Some((fp, p.bridges.as_slice(), p.random_fully));
+    let lp = crate::backend::legacy::plan(active, &o, &p.default_rule_cidrs, true);
+    Plan {
+        nft_policy: Policy::empty(),
+        detection: detection(Backend::Legacy),
+        steps: vec![Step {
+            observed: Observation::Legacy(BTreeMap::from([(Family::V4, o)])),
+            changes: Changes::Legacy(vec![(Family::V4, lp)]),
+        }],
+        missed_events: false,
+    }
+}
+
+#[test]
+fn moving_the_jump_back_behind_a_removed_broad_rule_is_not_an_own_repair() {
+    // masqd's chain in sync; the head of POSTROUTING as iptables-legacy-save prints it.
+    let chain = "-A MASQD-POSTROUTING -o docker0 -j RETURN\n\
+                 -A MASQD-POSTROUTING -s 172.7.21.0/24 -d 10.200.0.0/24 -j RETURN\n\
+                 -A MASQD-POSTROUTING -s 172.7.21.0/24 -d 172.7.0.0/16 -j RETURN\n\
+                 -A MASQD-POSTROUTING -s 172.7.21.0/24 -j MASQUERADE\n";
+    let save = |post: &str| {
+        format!(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+             :MASQD-POSTROUTING - [0:0]\n{post}{chain}COMMIT\n"
+        )
+    };
+    let jump = "-A POSTROUTING -m comment --comment masqd -j MASQD-POSTROUTING\n";
+    let broad = "-A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE\n";
+    let other = "-A POSTROUTING -s 10.1.0.0/16 -j MASQUERADE\n";
+    let pushed = legacy_plan_over(&save(&format!("{broad}{jump}")));
+    assert_eq!(
+        pushed.legacy_plans()[0].1.summary.len(),
+        2,
+        "the broad rule goes and the jump moves back: {:?}",
+        pushed.legacy_plans()
+    );
+    assert!(!pushed.touches_own(), "Docker's head insert: hygiene");
+    let behind = legacy_plan_over(&save(&format!("{jump}{broad}")));
+    assert!(!behind.is_empty());
+    assert!(!behind.touches_own(), "only the broad rule goes");
+    let foreign_head = legacy_plan_over(&save(&format!("{other}{broad}{jump}")));
+    assert!(
+        foreign_head.touches_own(),
+        "someone else's rule in front of the jump: a repair"
+    );
+    let no_jump = legacy_plan_over(&save(broad));
+    assert!(no_jump.touches_own(), "the jump is missing: a repair");
+}

@@ -22,6 +22,7 @@
 
 pub mod driver;
 pub mod export;
+pub mod info;
 pub mod observe;
 pub mod plan;
 pub mod restore;

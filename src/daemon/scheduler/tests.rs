@@ -286,14 +286,17 @@ fn the_resync_deadline_follows_the_period() {
     let c = Clock::new();
     let mut s = Scheduler::new(c.t(0), PERIOD);
     assert_eq!(s.resync_at(), c.t(60_000));
-    // The first reconcile finds legacy xtables in use: 5 s from its end.
+    // Legacy xtables in use keep the slow resync: their changes are watched.
+    assert_eq!(resync_period(None, true), PERIOD);
+    // A period that changes after the first reconcile: 5 s from its end.
+    let five = resync_period(Some(Duration::from_secs(5)), true);
     cycle(&mut s, c.t(300), applied(true, true));
-    s.set_resync_period(c.t(300), resync_period(None, true));
+    s.set_resync_period(c.t(300), five);
     assert_eq!(s.resync_at(), c.t(5_300));
     // Another reconcile with the same period keeps the deadline.
     s.trigger(Trigger::NetlinkEvent);
     cycle(&mut s, c.t(1_000), applied(true, true));
-    s.set_resync_period(c.t(1_000), resync_period(None, true));
+    s.set_resync_period(c.t(1_000), five);
     assert_eq!(s.resync_at(), c.t(5_300));
     // On time: the next is one period after the deadline; late: one period after now.
     s.resync_due(c.t(5_301));
