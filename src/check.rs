@@ -103,7 +103,7 @@ pub fn summarize(cfg: &Config) -> Summary {
             "resync_interval".to_string(),
             match cfg.resync_interval {
                 Some(d) => humantime::format_duration(d).to_string(),
-                None => "default (60s; 5s with a family in legacy xtables)".to_string(),
+                None => "default (60s)".to_string(),
             },
         ),
     ];

@@ -1040,8 +1040,8 @@ fn scenario(v: Variant) {
         seen.len(),
         runs(&wrong_t)
     );
-    // In sync at the end: in legacy mode the re-inserted broad rule is removed by the next
-    // resync (legacy changes raise no events; 5 s), so allow a few of them.
+    // In sync at the end: in legacy mode the re-inserted broad rule is removed once the daemon
+    // notices the change on the xtables lock file, so allow a few moments.
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.a.masqd(&cfg, &state, &["plan"]).status.code() != Some(0) {
         assert!(

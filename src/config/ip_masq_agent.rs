@@ -54,8 +54,7 @@ pub struct AgentConfig {
     pub masq_link_local_ipv6: bool,
     /// `resyncInterval` (default 60 s).
     pub resync_interval: Duration,
-    /// Whether the file sets `resyncInterval` (otherwise masqd's own default applies: 60 s, or
-    /// 5 s with a legacy family).
+    /// Whether the file sets `resyncInterval` (otherwise masqd's own default applies: 60 s).
     pub resync_given: bool,
     /// Keys the file has that upstream does not read (masqd warns naming each).
     pub unknown_keys: Vec<String>,

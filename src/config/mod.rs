@@ -93,7 +93,7 @@ pub struct Config {
     pub mode: BackendMode,
     /// `[node] flannel_subnet_env`, when set.
     pub flannel_subnet_env: Option<PathBuf>,
-    /// `[daemon] resync_interval`, when set (default: 60 s, or 5 s with a legacy family).
+    /// `[daemon] resync_interval`, when set (default: 60 s).
     pub resync_interval: Option<Duration>,
     /// Where each pod CIDR came from (file and line), in order.
     pub pod_origins: Vec<Origin>,
