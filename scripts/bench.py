@@ -4,7 +4,7 @@ tools use, in one run on one machine, alternating, with medians and ratios.
 
 Run as root from the repository (it installs nothing; `bash scripts/bench.sh` does):
 
-    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md] [--only datapath]
+    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md] [--only datapath|"legacy drift"]
 
 Everything happens in private network namespaces created here and removed at the end; the
 host's firewall is never touched. Each masqd run is checked against the kernel (the set holds
@@ -256,12 +256,14 @@ def drain(sock):
 # --------------------------------------------------------------------------- the daemon
 
 class Daemon:
-    def __init__(self, ns, cfg, state, watchdog=False):
+    def __init__(self, ns, cfg, state, watchdog=False, path=None):
         self.dir = tempfile.mkdtemp(prefix="masqd-bench-")
         self.sock_path = os.path.join(self.dir, "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.sock_path)
         env = dict(os.environ, NOTIFY_SOCKET=self.sock_path)
+        if path:
+            env["PATH"] = path
         if not watchdog:
             env.pop("WATCHDOG_USEC", None)
         self.t0 = time.perf_counter()
@@ -522,6 +524,82 @@ def bench_drift(sizes, trials, tmp):
         res[n] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "trials": len(lat)}
         log(f"  drift N={n}: p50 {res[n]['p50'] * 1000:.2f} ms, p99 {res[n]['p99'] * 1000:.2f} ms")
     return res
+
+
+LEGACY_BINARIES = [f"{fam}tables-legacy{s}" for fam in ("ip", "ip6") for s in ("", "-save", "-restore")]
+
+
+def counting_path(tmp):
+    """A PATH whose legacy binaries are wrappers that log each run, then exec the real one. The
+    directory is root's and 0700, inside /run (root's, 0755): a directory masqd trusts."""
+    wdir = tempfile.mkdtemp(prefix="masqd-bench-wrap-", dir="/run")
+    counter = os.path.join(wdir, "runs")
+    open(counter, "w").close()
+    for b in LEGACY_BINARIES:
+        w = os.path.join(wdir, b)
+        with open(w, "w") as f:
+            f.write(f"#!/bin/sh\necho {b} >> {counter}\nexec /usr/sbin/{b} \"$@\"\n")
+        os.chmod(w, 0o755)
+    return wdir, counter, f"{wdir}:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def bench_legacy_drift(trials, idle_s, tmp):
+    """6. Legacy drift: a broad rule re-inserted at the head of legacy POSTROUTING while
+    `masqd run` (legacy mode) watches → gone; and how many legacy binaries run while idle."""
+    ns = netns("mqb-legacy")
+    broad = ["-t", "nat", "-I", "POSTROUTING", "1", "-s", POD, "!", "-o", "docker0", "-j", "MASQUERADE"]
+    run(in_ns(ns, "/usr/sbin/iptables-legacy", "-w", *broad))
+    d_dir = tempfile.mkdtemp(prefix="legacy-", dir=tmp)
+    cfg = os.path.join(d_dir, "masqd.toml")
+    write_config(cfg, ["172.7.0.0/16"], mode="legacy")
+    wdir, counter, path = counting_path(tmp)
+    try:
+        d = Daemon(ns, cfg, os.path.join(d_dir, "state"), path=path)
+        d.wait("READY=1")
+        time.sleep(1.0)
+        before = len(open(counter).read().split())
+        time.sleep(idle_s)
+        idle_runs = len(open(counter).read().split()) - before
+        gone = []
+        rule = f"-A POSTROUTING -s {POD} ! -o docker0 -j MASQUERADE"
+        for _ in range(trials):
+            run(in_ns(ns, "/usr/sbin/iptables-legacy", "-w", *broad))
+            t0 = time.perf_counter()
+            while rule in run(in_ns(ns, "/usr/sbin/iptables-legacy-save", "-t", "nat")).stdout.decode():
+                if time.perf_counter() - t0 > 10:
+                    raise RuntimeError("masqd run did not remove the re-inserted broad rule in 10 s")
+            gone.append(time.perf_counter() - t0)
+            time.sleep(0.6)
+        d.stop()
+    finally:
+        subprocess.run(["rm", "-rf", wdir])
+    netns_del(ns)
+    return {"gone": gone, "idle_runs": idle_runs, "idle_s": idle_s}
+
+
+def report_legacy_drift(ld):
+    if not ld:
+        return []
+    ms = lambda s: f"{s * 1000:.1f} ms"
+    g = ld["gone"]
+    per_min = ld["idle_runs"] * 60 / ld["idle_s"]
+    return [
+        "## 6. Legacy drift: a re-inserted broad rule, and binaries run while idle\n",
+        "Legacy mode, one pod CIDR: `iptables-legacy -w -t nat -I POSTROUTING 1 -s POD ! -o docker0 "
+        "-j MASQUERADE` while `masqd run` watches, then `iptables-legacy-save -t nat` polled until "
+        "the rule is gone (each poll takes a few ms: the figure includes up to one poll's delay). "
+        "masqd notices legacy changes on the xtables lock file and the nat table's "
+        "`IPT_SO_GET_INFO`, without running a binary; the legacy binaries on its PATH are wrappers "
+        "that count every run.\n",
+        "| figure | value | target |",
+        "|---|---:|---|",
+        f"| insert → gone, median of {len(g)} | {ms(median(g))} | |",
+        f"| insert → gone, worst of {len(g)} | {ms(max(g))} | under 50 ms: "
+        f"{'met' if max(g) < 0.05 else 'MISSED'} |",
+        f"| legacy binary runs per idle minute (measured over {ld['idle_s']:.0f} s) | {per_min:.0f} | "
+        f"0: {'met' if ld['idle_runs'] == 0 else 'MISSED'} |",
+        "",
+    ]
 
 
 def bench_datapath(n, flows, trials, linear_flows, guard_trials, tmp):
@@ -1009,7 +1087,7 @@ def main():
     ap.add_argument("--out", help="the report (default BENCHMARKS.md; with --only, standard output)")
     ap.add_argument("--notes", default=os.path.join(ROOT, "scripts", "bench-notes.md"),
                     help="hand-written analysis appended to the report")
-    ap.add_argument("--only", choices=["datapath"],
+    ap.add_argument("--only", choices=["datapath", "legacy drift"],
                     help="run one section and write only its part of the report (never BENCHMARKS.md "
                          "unless --out names it)")
     args = ap.parse_args()
@@ -1043,6 +1121,7 @@ def main():
                             2 if args.quick else 5, 2000 if args.quick else 5000, 2 if args.quick else 10,
                             tmp) or (None, None)
         foot = section("5. footprint", bench_footprint, big, 10 if args.quick else 60, tmp)
+        ld = section("6. legacy drift", bench_legacy_drift, 10, 10 if args.quick else 60, tmp)
     finally:
         for p in DAEMONS:
             p.kill()
@@ -1056,7 +1135,8 @@ def main():
         text = "\n".join([f"# masqd benchmarks: section {args.only} only\n",
                           f"Generated by `scripts/bench.py --only {args.only}{' --quick' if args.quick else ''}` "
                           f"on {started} in {time.time() - t0:.0f} s.\n", *report_machine(m),
-                          *report_datapath(dp, big, guard)]) + "\n"
+                          *(report_datapath(dp, big, guard) if dp else []),
+                          *report_legacy_drift(ld)]) + "\n"
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)
@@ -1065,6 +1145,7 @@ def main():
             sys.stdout.write(text)
         return
     text = report(m, full, sizes, one, big, drift, dp, big, guard, foot, big, args, started, time.time() - t0)
+    text += "\n".join(report_legacy_drift(ld)) + "\n"
     if os.path.exists(args.notes):
         with open(args.notes) as f:
             text += "\n" + f.read()
