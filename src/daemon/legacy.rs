@@ -10,8 +10,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use anyhow::Result;
+use nix::sys::inotify::{AddWatchFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
 use super::signals::Fd;
@@ -94,12 +94,9 @@ fn arm(ino: &Inotify, lock: &Path) -> Option<On> {
 impl LegacyWatch {
     /// `inotify_init1(IN_NONBLOCK | IN_CLOEXEC)`, the watch on `lock`, and the first baseline.
     pub fn new(lock: PathBuf) -> Result<LegacyWatch> {
-        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .context("inotify_init for the xtables lock")?;
+        let ino = super::watch::init("inotify_init for the xtables lock")?;
         let on = arm(&ino, &lock);
-        // SAFETY: Inotify owns its fd for its whole life and never swaps it.
-        let ino = unsafe { AsyncFd::register(Fd(ino)) }
-            .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
+        let ino = super::watch::register(ino)?;
         Ok(LegacyWatch {
             ino,
             lock,
@@ -111,16 +108,7 @@ impl LegacyWatch {
 
     /// The next events on the lock file (cancel-safe, all read at once until EAGAIN).
     pub async fn next(&self) -> Result<Vec<InotifyEvent>> {
-        let mut guard = self.ino.readable().await?;
-        let mut evs = Vec::new();
-        while let Ok(mut batch) = guard.get_inner().0.read_events() {
-            if batch.is_empty() {
-                break;
-            }
-            evs.append(&mut batch);
-        }
-        guard.clear_ready();
-        Ok(evs)
+        super::watch::read_all(&self.ino).await
     }
 
     /// Takes events in (re-arming on the file once it exists, or on its directory once it is

@@ -95,6 +95,32 @@ fn watch_dirs(ino: &Inotify, files: &[PathBuf], watched: &mut Vec<Watch>) -> boo
     changed && !first
 }
 
+/// `inotify_init1(IN_NONBLOCK | IN_CLOEXEC)`; `what` names it in the error.
+pub(super) fn init(what: &str) -> Result<Inotify> {
+    Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).with_context(|| what.to_string())
+}
+
+/// The inotify instance registered with the runtime (it then only reads when readable).
+pub(super) fn register(ino: Inotify) -> Result<AsyncFd<Fd<Inotify>>> {
+    // SAFETY: Inotify owns its fd for its whole life and never swaps it.
+    unsafe { AsyncFd::register(Fd(ino)) }.map_err(|e| anyhow::anyhow!("registering inotify: {e}"))
+}
+
+/// The next events of `ino` (cancel-safe: nothing is read before the fd is readable, and then
+/// all is read at once, until EAGAIN, since readiness is edge-triggered).
+pub(super) async fn read_all(ino: &AsyncFd<Fd<Inotify>>) -> Result<Vec<InotifyEvent>> {
+    let mut guard = ino.readable().await?;
+    let mut evs = Vec::new();
+    while let Ok(mut batch) = guard.get_inner().0.read_events() {
+        if batch.is_empty() {
+            break;
+        }
+        evs.append(&mut batch);
+    }
+    guard.clear_ready();
+    Ok(evs)
+}
+
 /// The inotify instance and its watches.
 pub(super) struct Watcher {
     ino: AsyncFd<Fd<Inotify>>,
@@ -104,29 +130,19 @@ pub(super) struct Watcher {
 impl Watcher {
     /// `inotify_init1(IN_NONBLOCK | IN_CLOEXEC)` and the first arming for `files`.
     pub fn new(files: &[PathBuf]) -> Result<Watcher> {
-        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .context("inotify_init")?;
+        let ino = init("inotify_init")?;
         let mut watched = Vec::new();
         watch_dirs(&ino, files, &mut watched);
-        // SAFETY: Inotify owns its fd for its whole life and never swaps it.
-        let ino = unsafe { AsyncFd::register(Fd(ino)) }
-            .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
-        Ok(Watcher { ino, watched })
+        Ok(Watcher {
+            ino: register(ino)?,
+            watched,
+        })
     }
 
     /// The next events (cancel-safe: nothing is read before the fd is readable, and then all
     /// is read at once, until EAGAIN, since readiness is edge-triggered).
     pub async fn next(&self) -> Result<Vec<InotifyEvent>> {
-        let mut guard = self.ino.readable().await?;
-        let mut evs = Vec::new();
-        while let Ok(mut batch) = guard.get_inner().0.read_events() {
-            if batch.is_empty() {
-                break;
-            }
-            evs.append(&mut batch);
-        }
-        guard.clear_ready();
-        Ok(evs)
+        read_all(&self.ino).await
     }
 
     /// Arms the watches for `files` again (after a reload changed the list).
