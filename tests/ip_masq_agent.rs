@@ -145,7 +145,7 @@ fn bad_files_are_refused_naming_file_and_key() {
             "cidrLimit: 1\nnonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\n",
             "more than cidrLimit",
         ),
-        ("{*", "not valid JSON"),
+        ("\x7b*", "not valid JSON"), // an opening curly brace, then `*`
         (": : :\n", "not valid YAML or JSON"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {

@@ -183,46 +183,37 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     Ok(cfg)
 }
 
-/// The top-level keys in the order the file writes them (a JSON value's map has its own order
-/// and keeps only the last of two equal keys).
-fn document_keys(path: &Path, text: &str) -> Result<Vec<String>, ConfigError> {
-    struct Keys(Vec<String>);
-    impl<'de> serde::Deserialize<'de> for Keys {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
-            struct V;
-            impl<'de> serde::de::Visitor<'de> for V {
-                type Value = Keys;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a mapping")
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut m: A,
-                ) -> Result<Keys, A::Error> {
-                    let mut v = Vec::new();
-                    while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
-                        v.push(k);
-                    }
-                    Ok(Keys(v))
-                }
-            }
-            d.deserialize_map(V)
-        }
+/// The top-level keys of a mapping in the order the file writes them (a JSON value's map has
+/// its own order and keeps only the last of two equal keys).
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+        d.deserialize_map(KeysVisitor)
     }
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let keys = if text.trim_start().starts_with('{') {
-        serde_json::from_str::<Keys>(text).map_err(|e| e.to_string())
-    } else {
-        serde_saphyr::from_str::<Keys>(text).map_err(|e| e.to_string())
-    };
-    keys.map(|k| k.0).map_err(|e| {
-        error(
-            path,
-            None,
-            None,
-            format!("not valid YAML or JSON: {}", tidy(&e)),
-        )
-    })
+}
+
+struct KeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+    type Value = Keys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Keys, A::Error> {
+        let mut v = Vec::new();
+        while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+            v.push(k);
+        }
+        Ok(Keys(v))
+    }
+}
+
+/// The top-level keys in document order (the file is a mapping: [`parse`] checked it).
+fn document_keys(path: &Path, text: &str) -> Result<Vec<String>, ConfigError> {
+    decode::<Keys>(path, text).map(|k| k.0)
 }
 
 /// Two keys for one setting (equal, or equal ignoring case, which Go's JSON decoding upstream
@@ -256,15 +247,24 @@ fn tidy(msg: &str) -> String {
     first[..cut].to_string()
 }
 
-/// YAML or JSON text → a JSON value. Text that starts with `{` is JSON (as upstream's
-/// `yaml.ToJSON`, which passes JSON through), anything else YAML.
+/// YAML or JSON text → a JSON value.
 fn to_value(path: &Path, text: &str) -> Result<Value, ConfigError> {
+    decode::<Value>(path, text)
+}
+
+/// The character a JSON document (an object) starts with: an opening curly brace, written as
+/// an escape so that tools counting braces to find a function's end are not misled.
+const JSON_OPEN: char = '\x7b';
+
+/// Decodes the file's text. Text that starts with `{` is JSON (as upstream's `yaml.ToJSON`,
+/// which passes JSON through), anything else YAML; a leading byte-order mark is dropped.
+fn decode<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if text.trim_start().starts_with('{') {
+    if text.trim_start().starts_with(JSON_OPEN) {
         return serde_json::from_str(text)
             .map_err(|e| error(path, Some(e.line()), None, format!("not valid JSON: {e}")));
     }
-    serde_saphyr::from_str::<Value>(text).map_err(|e| {
+    serde_saphyr::from_str::<T>(text).map_err(|e| {
         let first = tidy(&e.to_string());
         let line = first
             .strip_prefix("line ")
@@ -466,7 +466,7 @@ fn kind(v: &Value) -> &'static str {
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
-            let t = l.trim_start().trim_start_matches(['{', ',', ' ']);
+            let t = l.trim_start().trim_start_matches([JSON_OPEN, ',', ' ']);
             let t = t.strip_prefix('"').unwrap_or(t);
             t.strip_prefix(key)
                 .map(|r| r.trim_start_matches('"').trim_start().starts_with(':'))

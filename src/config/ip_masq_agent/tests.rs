@@ -99,7 +99,8 @@ fn json_escapes_are_decoded() {
 
 #[test]
 fn invalid_json_is_refused_naming_the_file() {
-    let e = err("{*");
+    // An opening curly brace, then `*` (escaped: brace counters must not be misled).
+    let e = err("\x7b*");
     assert!(
         e.starts_with("/etc/config/ip-masq-agent:1: not valid JSON"),
         "{e}"
