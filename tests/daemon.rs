@@ -10,12 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const CFG: &str = r#"[node]
-pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
-[masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
-bridge_interfaces = ["docker0"]
-"#;
+const CFG: &str = NODE_A_TOML;
 
 struct Daemon {
     child: Child,

@@ -13,12 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-const CFG: &str = r#"[node]
-pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
-[masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
-bridge_interfaces = ["docker0"]
-"#;
+const CFG: &str = NODE_A_TOML;
 
 /// `masqd` started directly inside the namespace (setns before exec, so the child's PID is
 /// masqd's own from the first instruction), with a fake NOTIFY_SOCKET.

@@ -14,12 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const CFG: &str = r#"[node]
-pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
-[masquerade]
-cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
-bridge_interfaces = ["docker0"]
-"#;
+const CFG: &str = NODE_A_TOML;
 
 const LEGACY: &str = "[backend]\nmode = \"legacy\"\n";
 

@@ -439,6 +439,15 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// Node A's configuration (scripts/cluster.sh) in five lines, `[node]` on line 1: what the
+/// tests that check line numbers in messages, or append sections, start from.
+pub const NODE_A_TOML: &str = r#"[node]
+pod_cidrs = ["172.7.21.0/24", "fd00:7:21::/64"]
+[masquerade]
+cluster_cidrs = ["172.7.0.0/16", "fd00:7::/32"]
+bridge_interfaces = ["docker0"]
+"#;
+
 /// Node A's configuration in the cluster of scripts/cluster.sh: its pod subnets, the cluster
 /// network as the exception, docker0 as the bridge.
 pub const NODE_A_CONFIG: &str = r#"
