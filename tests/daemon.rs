@@ -5,58 +5,26 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const CFG: &str = NODE_A_TOML;
 
-struct Daemon {
-    child: Child,
-    notes: Notes,
-}
-
-impl Daemon {
-    fn start(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
-        let notes = Notes::new();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_masqd")])
-            .args([
-                "--config",
-                cfg.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-            ])
-            .args(["--log-level", "info", "run"])
-            .env("NOTIFY_SOCKET", &notes.path)
-            .env("WATCHDOG_USEC", "400000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start masqd run");
-        Daemon { child, notes }
-    }
-
-    /// Waits for a notification containing `what`; returns it.
-    fn wait_note(&mut self, what: &str, timeout: Duration) -> String {
-        self.notes.wait(what, timeout)
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `masqd run` through `ip netns exec`, with a watchdog of 400 ms.
+fn start_daemon(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_masqd")])
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .args(["--log-level", "info", "run"])
+        .env("WATCHDOG_USEC", "400000");
+    Daemon::spawn(cmd)
 }
 
 fn has_table(ns: &Netns) -> bool {
@@ -91,7 +59,7 @@ fn setup(cfg_text: &str) -> (Netns, TempDir, PathBuf, PathBuf) {
 fn ready_only_after_the_rules_are_in_and_drift_is_repaired() {
     let (ns, _dir, cfg, state) = setup(CFG);
     ns.ok_words("iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE");
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     // READY=1 came after the first reconcile: everything is in already.
     assert!(in_sync(&ns, &cfg, &state), "in sync at READY");
@@ -140,7 +108,7 @@ fn ready_only_after_the_rules_are_in_and_drift_is_repaired() {
 #[test]
 fn config_follows_atomic_rename_and_broken_reload_is_survived() {
     let (ns, dir, cfg, state) = setup(CFG);
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
 
     // Edited by atomic rename (as editors and config management do): no signal needed.
@@ -222,7 +190,7 @@ fn kill_9_mid_reconcile_then_restart_converges() {
     let (ns, _dir, cfg, state) = setup(&text);
     // How long start-up to READY takes here; the kills land inside that window.
     let t0 = Instant::now();
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(60));
     let full = t0.elapsed();
     drop(d);
@@ -230,7 +198,7 @@ fn kill_9_mid_reconcile_then_restart_converges() {
     let mut outcomes = Vec::new();
     for pct in [15u32, 30, 45, 60, 75, 90] {
         let delay_ms = full.as_millis() as u64 * pct as u64 / 100;
-        let mut d = Daemon::start(&ns, &cfg, &state);
+        let mut d = start_daemon(&ns, &cfg, &state);
         std::thread::sleep(Duration::from_millis(delay_ms));
         d.signal(nix::sys::signal::Signal::SIGKILL);
         let _ = d.child.wait();
@@ -250,7 +218,7 @@ fn kill_9_mid_reconcile_then_restart_converges() {
         }
     }
     eprintln!("start-up to READY {full:?}; kill -9 after (ms, rules, intervals): {outcomes:?}");
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(30));
     assert!(in_sync(&ns, &cfg, &state));
     let rs = ns.ruleset();
@@ -271,7 +239,7 @@ fn legacy_reinsert_undone_within_one_resync_interval() {
     ns.ok_words(
         "iptables-legacy -t nat -A POSTROUTING -s 172.7.21.0/24 ! -o docker0 -j MASQUERADE",
     );
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     let post = |ns: &Netns| -> Vec<String> {
         legacy_save(ns, false, Some("nat"))
@@ -310,7 +278,7 @@ fn waits_for_a_subnet_env_that_appears_later() {
         "[node]\nflannel_subnet_env = \"{}\"\n[masquerade]\nbridge_interfaces = [\"cni0\"]\n",
         env.display()
     ));
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", Duration::from_secs(10));
     let st = d
         .notes

@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,58 +15,10 @@ use nix::sys::signal::Signal;
 
 const CFG: &str = NODE_A_TOML;
 
-/// `masqd` started directly inside the namespace (setns before exec, so the child's PID is
-/// masqd's own from the first instruction), with a fake NOTIFY_SOCKET.
-struct Daemon {
-    child: Child,
-    notes: Notes,
-}
-
-impl Daemon {
-    fn start(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
-        let notes = Notes::new();
-        let mut cmd = masqd_in(ns, cfg, state, &["--log-level", "info", "run"]);
-        cmd.env("NOTIFY_SOCKET", &notes.path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("start masqd run");
-        Daemon { child, notes }
-    }
-
-    /// Waits for a notification containing `what`; returns it.
-    fn wait_note(&mut self, what: &str, timeout: Duration) -> String {
-        self.notes.wait(what, timeout)
-    }
-
-    fn signal(&self, sig: Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Waits for the exit (at most `timeout`), returning the status.
-    fn exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "masqd still running after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `masqd run` started directly inside the namespace (setns before exec, so the child's PID is
+/// masqd's own from the first instruction).
+fn start_daemon(ns: &Netns, cfg: &Path, state: &Path) -> Daemon {
+    Daemon::spawn(masqd_in(ns, cfg, state, &["--log-level", "info", "run"]))
 }
 
 /// A `masqd` command that enters the namespace itself before exec (no `ip netns exec` in
@@ -247,7 +199,7 @@ fn missing_list_file_exits_78_at_start_and_keeps_the_last_good_policy_at_reload(
     // At reload: the last good policy stays, the process lives, STATUS names the error.
     std::fs::create_dir_all(list.parent().unwrap()).unwrap();
     std::fs::write(&list, "10.96.0.0/12\n").unwrap();
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", SECS);
     let want = cidr_range("10.96.0.0/12");
     assert!(set_ranges(&ns.ruleset(), "nomasq4").is_some_and(|r| r.contains(&(want.1, want.2))));
@@ -337,7 +289,7 @@ fn sighup_in_the_first_milliseconds_never_kills_and_ends_in_sync() {
     let cfg = slow_start_cfg(&dir);
     let mut outcomes = Vec::new();
     for (i, delay) in signal_delays().into_iter().enumerate() {
-        let mut d = Daemon::start(&ns, &cfg, &state);
+        let mut d = start_daemon(&ns, &cfg, &state);
         wait_runtime_started(d.child.id());
         std::thread::sleep(delay);
         d.signal(Signal::SIGHUP);
@@ -380,7 +332,7 @@ fn sigterm_during_start_up_exits_0() {
     let state = dir.path().join("state");
     let cfg = slow_start_cfg(&dir);
     for delay in signal_delays().into_iter().step_by(2) {
-        let mut d = Daemon::start(&ns, &cfg, &state);
+        let mut d = start_daemon(&ns, &cfg, &state);
         wait_runtime_started(d.child.id());
         std::thread::sleep(delay);
         d.signal(Signal::SIGTERM);
@@ -398,7 +350,7 @@ fn sigterm_during_start_up_exits_0() {
             dir.path().display()
         ),
     );
-    let mut d = Daemon::start(&ns, &waiting, &state);
+    let mut d = start_daemon(&ns, &waiting, &state);
     d.wait_note("waiting", SECS);
     d.signal(Signal::SIGTERM);
     assert_eq!(d.exit(SECS).code(), Some(0));
@@ -425,7 +377,7 @@ fn flannel_directory_removed_and_recreated_is_followed() {
         ),
     );
     let state = cfg_dir.path().join("state");
-    let mut d = Daemon::start(&ns, &cfg, &state);
+    let mut d = start_daemon(&ns, &cfg, &state);
     d.wait_note("READY=1", SECS);
     assert_eq!(
         set_ranges(&ns.ruleset(), "pod4"),

@@ -597,3 +597,57 @@ impl Notes {
         }
     }
 }
+
+/// `masqd run` as a child with a fake NOTIFY_SOCKET: `cmd` is the whole command line (how the
+/// test enters the namespace is its own); killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub notes: Notes,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with `NOTIFY_SOCKET` set, stdout discarded, stderr inherited.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        let notes = Notes::new();
+        cmd.env("NOTIFY_SOCKET", &notes.path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        let child = cmd.spawn().expect("start masqd run");
+        Daemon { child, notes }
+    }
+
+    /// Waits for a notification containing `what`; returns it.
+    pub fn wait_note(&mut self, what: &str, timeout: Duration) -> String {
+        self.notes.wait(what, timeout)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the exit (at most `timeout`), returning the status.
+    pub fn exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "masqd still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
