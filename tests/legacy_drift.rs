@@ -42,6 +42,9 @@ struct Setup {
     state: PathBuf,
     lock: PathBuf,
     runs: PathBuf,
+    /// While this file exists, the next restore of masqd's is followed at once by a re-insert
+    /// of the broad rule (under the same lock, before the wrapper returns).
+    after: PathBuf,
     path: String,
 }
 
@@ -57,11 +60,20 @@ fn setup() -> Setup {
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let after = dir.path().join("insert-after-restore");
     for name in WRAPPED {
-        let script = format!(
-            "#!/bin/sh\necho \"{name} $*\" >> {}\nexec /usr/sbin/{name} \"$@\"\n",
-            runs.display()
-        );
+        let mut script = format!("#!/bin/sh\necho \"{name} $*\" >> {}\n", runs.display());
+        if name == "iptables-legacy-restore" {
+            // A writer that waited on the lock commits right after masqd's restore (when the
+            // marker file exists, once).
+            script += &format!(
+                "/usr/sbin/{name} \"$@\"; rc=$?\nif [ -e {m} ]; then rm -f {m}; \
+                 /usr/sbin/iptables-legacy -w -t nat -I POSTROUTING 1 {BROAD}; fi\nexit $rc\n",
+                m = after.display()
+            );
+        } else {
+            script += &format!("exec /usr/sbin/{name} \"$@\"\n");
+        }
         let p = bin.join(name);
         std::fs::write(&p, script).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -79,6 +91,7 @@ fn setup() -> Setup {
         state,
         lock,
         runs,
+        after,
         path,
     }
 }
@@ -202,6 +215,32 @@ fn reinserted_broad_rule_is_removed_quickly() {
         "legacy broad rule re-insert → gone (ms, 10 runs, 5 ms polling): {}; worst {:.1}",
         ms.join(" "),
         took.iter().max().unwrap().as_secs_f64() * 1000.0
+    );
+}
+
+#[test]
+fn a_commit_right_after_masqds_own_is_not_taken_for_it() {
+    let s = setup();
+    let _d = s.start();
+    assert_eq!(s.postrouting(), vec![JUMP.to_string()]);
+    std::fs::write(&s.after, "").unwrap();
+    s.legacy(&format!("-t nat -I POSTROUTING 1 {BROAD}"));
+    // masqd removes the rule; the wrapper re-inserts it as its restore returns, which leaves
+    // the info exactly as a foreign commit would. The daemon must read the table again, not
+    // wait for the resync.
+    let t = Instant::now();
+    while s.after.exists() || s.postrouting().len() != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the broad rule re-inserted right after masqd's restore is still there: {:?}",
+            s.postrouting()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.postrouting(), vec![JUMP.to_string()]);
+    eprintln!(
+        "re-insert after masqd's restore gone after {:?}",
+        t.elapsed()
     );
 }
 

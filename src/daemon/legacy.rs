@@ -5,7 +5,8 @@
 //! Legacy changes raise no netlink events. Without this source the daemon would have to run
 //! `iptables-legacy-save` on a timer; with it, no binary runs while nothing changed. masqd's
 //! own restores open the lock too: the info after each of its reconciles is the new baseline,
-//! so its own commits trigger nothing.
+//! and a reconcile that committed to legacy xtables is followed by one read of the table (a
+//! writer that waited on the lock commits right after masqd and looks the same in the info).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -159,17 +160,30 @@ impl LegacyWatch {
     }
 
     /// A reconcile ended; `legacy_applied`: it ran a legacy restore (or failed). The info now is
-    /// the new baseline; when masqd itself changed nothing in legacy xtables but the info moved
-    /// since the reconcile started, someone else committed meanwhile (perhaps after it read
-    /// the table): one more reconcile.
+    /// the new baseline. What follows is [`after_reconcile`]'s answer.
     pub fn ended(&mut self, legacy_applied: bool) -> Option<Trigger> {
         let start = self.at_start.take();
         let now = sample();
         self.last = now;
-        match start {
-            Some(s) if !legacy_applied && s != now => Some(Trigger::LegacyChanged),
-            _ => None,
-        }
+        after_reconcile(start, &now, legacy_applied)
+    }
+}
+
+/// What a reconcile that started from the info `start` (None: none was sampled) and ended at
+/// `now` owes next:
+/// - it ran a legacy restore: one reconcile that reads the table again
+///   ([`Trigger::LegacyVerify`]). An `iptables -w` that waited on the lock masqd's restore held
+///   commits right after it, and its change cannot be told from masqd's own in the info (nor
+///   its lock-file events from those of masqd's restore), so reading the table is the only
+///   proof. One read per legacy commit of masqd's; nothing while nothing changes.
+/// - it changed nothing in legacy xtables but the info moved since it started: someone else
+///   committed meanwhile (perhaps after it read the table): one more reconcile.
+/// - otherwise nothing.
+fn after_reconcile(start: Option<Infos>, now: &Infos, legacy_applied: bool) -> Option<Trigger> {
+    match start {
+        Some(_) if legacy_applied => Some(Trigger::LegacyVerify),
+        Some(s) if s != *now => Some(Trigger::LegacyChanged),
+        _ => None,
     }
 }
 
@@ -218,6 +232,33 @@ mod tests {
             changed(&mut last, moved),
             Some(Trigger::LegacyChanged),
             "a rule moved between chains (same count and size)"
+        );
+    }
+
+    #[test]
+    fn a_legacy_commit_of_masqd_is_verified_by_one_more_read() {
+        let a = [info(5, 792), None];
+        let b = [info(6, 944), None];
+        assert_eq!(
+            after_reconcile(Some(a), &b, true),
+            Some(Trigger::LegacyVerify),
+            "masqd's restore moved the info: a commit right after it looks the same"
+        );
+        assert_eq!(
+            after_reconcile(Some(a), &a, true),
+            Some(Trigger::LegacyVerify),
+            "a restore that left the same info (a rule replaced) is verified too"
+        );
+        assert_eq!(
+            after_reconcile(Some(a), &b, false),
+            Some(Trigger::LegacyChanged),
+            "someone else committed while masqd read"
+        );
+        assert_eq!(after_reconcile(Some(a), &a, false), None, "quiet: nothing");
+        assert_eq!(
+            after_reconcile(None, &b, true),
+            None,
+            "no reconcile was sampled"
         );
     }
 

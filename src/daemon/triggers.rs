@@ -29,6 +29,9 @@ pub enum Trigger {
     /// The legacy nat table's info (entry count, size, hook offsets) changed: someone else
     /// committed to legacy xtables.
     LegacyChanged,
+    /// masqd committed to legacy xtables: the table is read once more, since a commit by
+    /// someone else right after masqd's cannot be told from it by the info alone.
+    LegacyVerify,
     /// The resync timer.
     Resync,
     /// The reconcile task died; the same work again.
@@ -78,6 +81,7 @@ impl fmt::Display for Trigger {
             Trigger::MonitorOverflow => "lost nftables notifications",
             Trigger::MissedEvents => "ruleset changed while masqd was committing",
             Trigger::LegacyChanged => "legacy xtables change",
+            Trigger::LegacyVerify => "verifying masqd's legacy commit",
             Trigger::Resync => "resync",
             Trigger::Retry => "retry",
         })
@@ -234,6 +238,7 @@ mod tests {
                 "ruleset changed while masqd was committing",
             ),
             (Trigger::LegacyChanged, "legacy xtables change"),
+            (Trigger::LegacyVerify, "verifying masqd's legacy commit"),
             (Trigger::Resync, "resync"),
             (Trigger::Retry, "retry"),
         ];
@@ -267,6 +272,7 @@ mod tests {
             MonitorOverflow,
             MissedEvents,
             LegacyChanged,
+            LegacyVerify,
             Resync,
             Retry,
         ];
