@@ -74,6 +74,23 @@ fn display(prog: &Path, args: &[&str]) -> String {
     s
 }
 
+/// Spawns `command`, again (up to 5 times, 10 ms apart) while exec fails with ETXTBSY: the
+/// binary is still open for writing somewhere for a moment, as when a package upgrade replaces
+/// it, or a file written by one thread is inherited open by a child another thread forks just
+/// then.
+fn spawn(command: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut attempt = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 4 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs `prog args…` in a process group of its own with a clean environment (`PATH=`
 /// [`SAFE_PATH`], `LC_ALL=C`, nothing else), feeding `stdin`. When the program exits, whatever
 /// it left running in its group is killed; at `timeout` the whole group is killed, even when
@@ -93,7 +110,7 @@ pub fn run(
     // with SIGHUP/SIGTERM/SIGINT blocked, as the daemon's threads have them
     // (daemon::block_signals); the legacy binaries rely on no signal, and the timeout below
     // kills their process group with SIGKILL, which cannot be blocked.
-    let mut child = command
+    command
         .args(args)
         .env_clear()
         .env("PATH", SAFE_PATH)
@@ -110,12 +127,11 @@ pub fn run(
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ExecError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
+        .stderr(Stdio::piped());
+    let mut child = spawn(&mut command).map_err(|source| ExecError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    })?;
     let mut io = Pipes::of(&mut child, stdin.unwrap_or_default());
     let pumped = io.pump(&child, Instant::now() + timeout);
     // The leader was only peeked at (WNOWAIT) so far: its group id stayed valid for killpg.
