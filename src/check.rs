@@ -106,6 +106,13 @@ pub fn summarize(cfg: &Config) -> Summary {
                 None => "default (60s)".to_string(),
             },
         ),
+        (
+            "full_verify_interval".to_string(),
+            match cfg.full_verify_interval {
+                Some(d) => humantime::format_duration(d).to_string(),
+                None => "never (default)".to_string(),
+            },
+        ),
     ];
     Summary {
         path: cfg.path.display().to_string(),

@@ -36,6 +36,14 @@ impl Family {
         }
     }
 
+    /// Position in [`Family::ALL`] (0 for IPv4, 1 for IPv6), for per-family arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
     /// Suffix used in set names (`pod4`, `nomasq6`).
     pub fn digit(self) -> char {
         match self {

@@ -8,8 +8,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,31 +87,11 @@ impl Drop for Run {
     }
 }
 
-/// `GET path` on `addr` from inside `ns`: (status code, body), or None when nobody answers.
-fn get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        s.write_all(req.as_bytes()).ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        parse_response(&resp)
-    })
-}
-
-fn parse_response(resp: &str) -> Option<(u16, String)> {
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
 /// Polls `/healthz` until it answers `code` (15 s); returns the body.
 fn wait_health(ns: &Netns, addr: &str, code: u16, run: &Run) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let got = get(ns, addr, "/healthz");
+        let got = http_get(ns, addr, "/healthz");
         if let Some((c, body)) = &got {
             if *c == code {
                 return body.clone();
@@ -126,27 +106,6 @@ fn wait_health(ns: &Netns, addr: &str, code: u16, run: &Run) -> String {
     }
 }
 
-/// Every sample of an exposition: `name{labels}` (labels sorted) → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for l in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (series, value) = l.rsplit_once(' ').expect("sample line");
-        let key = match series.split_once('{') {
-            None => series.to_string(),
-            Some((name, labels)) => {
-                let mut ls: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-                ls.sort();
-                format!("{name}{{{}}}", ls.join(","))
-            }
-        };
-        out.insert(key, value.parse().expect("sample value"));
-    }
-    out
-}
-
 fn value(s: &BTreeMap<String, f64>, key: &str) -> f64 {
     *s.get(key)
         .unwrap_or_else(|| panic!("{key} missing from {:#?}", s.keys().collect::<Vec<_>>()))
@@ -158,7 +117,7 @@ const TABLE_GONE: &str = r#"masqd_repairs_total{cause="table_gone"}"#;
 
 /// Scrapes `/metrics`, checks it with `promtool check metrics`, returns the samples.
 fn scrape(ns: &Netns, addr: &str) -> BTreeMap<String, f64> {
-    let (code, body) = get(ns, addr, "/metrics").expect("/metrics answers");
+    let (code, body) = http_get(ns, addr, "/metrics").expect("/metrics answers");
     assert_eq!(code, 200, "{body}");
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])
@@ -388,7 +347,7 @@ fn bad_listen_values_are_refused_at_start_and_at_reload() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(get(&c.a, addr, "/healthz").map(|r| r.0), Some(200));
+        assert_eq!(http_get(&c.a, addr, "/healthz").map(|r| r.0), Some(200));
         let set = c.a.ok(&["nft", "list", "set", "inet", "masqd", "nomasq4"]);
         assert!(
             !set.contains("10.200.0.3"),
@@ -402,7 +361,7 @@ fn bad_listen_values_are_refused_at_start_and_at_reload() {
     run.hup();
     wait_health(&c.a, new, 200, &run);
     run.wait_log("serving /metrics and /healthz on 127.0.0.1:9818");
-    assert_eq!(get(&c.a, addr, "/healthz"), None);
+    assert_eq!(http_get(&c.a, addr, "/healthz"), None);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !c
         .a
@@ -434,14 +393,7 @@ fn metrics_on_a_unix_socket() {
     let state = dir.path().join("state");
     let run = Run::start(&ns, &cfg, &state, &dir);
     let deadline = Instant::now() + Duration::from_secs(15);
-    let ask = |path: &str| -> Option<(u16, String)> {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\n\r\n").ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        parse_response(&resp)
-    };
+    let ask = |path: &str| unix_get(&sock, path);
     while ask("/healthz").map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "no health:\n{}", run.log());
         std::thread::sleep(Duration::from_millis(100));

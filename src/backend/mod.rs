@@ -36,8 +36,8 @@ pub use crate::netlink::Socket;
 pub use legacy::driver::LegacyDriver;
 pub use legacy::{LegacyObserved, LegacyPlan};
 pub use nft::driver::NftDriver;
-pub use nft::SetCache;
 pub use nft::{genid, list_rules, model::RuleSpec};
+pub use nft::{FactsDelta, SetCache};
 
 /// A backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

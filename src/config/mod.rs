@@ -95,6 +95,9 @@ pub struct Config {
     pub flannel_subnet_env: Option<PathBuf>,
     /// `[daemon] resync_interval`, when set (default: 60 s).
     pub resync_interval: Option<Duration>,
+    /// `[daemon] full_verify_interval`, when set: how often `masqd run` reads masqd's sets and
+    /// every rule back even though the notifications say nothing changed (default: never).
+    pub full_verify_interval: Option<Duration>,
     /// Where each pod CIDR came from (file and line), in order.
     pub pod_origins: Vec<Origin>,
     /// Where each exception CIDR (cluster and non-masquerade) came from, in order.
@@ -440,6 +443,7 @@ pub(super) fn combine(toml: &mut TomlSource, sources: Sources) -> Result<Config,
         mode: s.mode,
         flannel_subnet_env,
         resync_interval: s.resync_interval.or(agent_resync),
+        full_verify_interval: s.full_verify_interval,
         pod_origins: pods,
         exception_origins: exceptions,
         metrics: s.metrics,

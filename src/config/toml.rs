@@ -50,6 +50,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     resync_interval: Option<Spanned<String>>,
+    full_verify_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -166,6 +167,8 @@ pub struct Settings {
     pub mode: BackendMode,
     /// `daemon.resync_interval`.
     pub resync_interval: Option<Duration>,
+    /// `daemon.full_verify_interval`.
+    pub full_verify_interval: Option<Duration>,
     /// `metrics.listen`.
     pub metrics: Option<crate::metrics::MetricsConfig>,
 }
@@ -258,6 +261,13 @@ impl TomlSource {
                     .map_err(|m| err(v.span(), "daemon.resync_interval", m))?,
             ),
         };
+        let full_verify_interval = match &self.raw.daemon.full_verify_interval {
+            None => None,
+            Some(v) => Some(
+                parse_duration(v.get_ref())
+                    .map_err(|m| err(v.span(), "daemon.full_verify_interval", m))?,
+            ),
+        };
         let metrics = match &self.raw.metrics.listen {
             None => None,
             Some(v) => Some(crate::metrics::MetricsConfig {
@@ -273,6 +283,7 @@ impl TomlSource {
             honor_marks,
             mode,
             resync_interval,
+            full_verify_interval,
             metrics,
         })
     }
@@ -482,6 +493,7 @@ mod tests {
                 }],
                 mode: BackendMode::Auto,
                 resync_interval: None,
+                full_verify_interval: None,
                 metrics: None,
             }
         );

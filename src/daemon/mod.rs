@@ -25,6 +25,7 @@
 //! `signals` (signalfd), [`notify`]
 //! (sd_notify) and `run` (start-up and the select loop).
 
+mod follow;
 mod legacy;
 mod monitor;
 pub mod notify;

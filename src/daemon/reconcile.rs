@@ -28,6 +28,8 @@ pub(super) struct Inputs {
     pub state_dir: PathBuf,
     /// Read everything: notifications were lost, the set cache is not trusted.
     pub full: bool,
+    /// What the event stream says since the last reconcile started.
+    pub follow: super::follow::Start,
     /// The event socket, muted around large commits.
     pub monitor_fd: RawFd,
     /// Where the other NAT rules (a dump of every rule) go, when they are read this time.
@@ -57,7 +59,7 @@ pub(super) struct Reconciler {
 
 /// Opens the apply socket: a driver with no set cache, and its port id.
 fn open_driver(what: &'static str) -> Result<(NftDriver, u32)> {
-    let mut drv = NftDriver::new(Socket::open().context(what)?, None);
+    let mut drv = NftDriver::new(Socket::open().context(what)?, None).following();
     let pid = drv.socket().portid()?;
     Ok((drv, pid))
 }
@@ -91,6 +93,11 @@ impl Reconciler {
         };
         if inp.full {
             drv.forget();
+        }
+        drv.trust_sets(inp.follow.trust_sets);
+        match &inp.follow.deltas {
+            Some(d) => drv.follow(d),
+            None => drv.forget_counted(),
         }
         let mut facts = self
             .facts
@@ -156,6 +163,32 @@ impl Reconciler {
         self.facts = facts.filter(|_| legacy_unchanged);
         self.drv = Some(drv);
         f
+    }
+
+    /// The dump requests the reconcile socket sent so far, by object (None while one runs):
+    /// `rule` is every rule of a family, `chain_rules` one chain's, `set_element` a set's
+    /// elements.
+    pub fn dumps(&mut self) -> Option<[(&'static str, u64); 5]> {
+        use rustables::sys;
+        let s = self.drv.as_mut()?.socket();
+        let (rules, chain_rules) = s.dumps(sys::NFT_MSG_GETRULE);
+        let (el, el_filtered) = s.dumps(sys::NFT_MSG_GETSETELEM);
+        let (t, tf) = s.dumps(sys::NFT_MSG_GETTABLE);
+        let (c, cf) = s.dumps(sys::NFT_MSG_GETCHAIN);
+        Some([
+            ("table", t + tf),
+            ("chain", c + cf),
+            ("rule", rules),
+            ("chain_rules", chain_rules),
+            ("set_element", el + el_filtered),
+        ])
+    }
+
+    /// Drops the set cache only: someone else changed masqd's sets while the reconcile ran.
+    pub fn forget_sets(&mut self) {
+        if let Some(d) = &mut self.drv {
+            d.forget_sets();
+        }
     }
 
     /// The reconcile task died (it panicked): a fresh socket, no cache.

@@ -11,6 +11,7 @@ use nix::sys::inotify::InotifyEvent;
 use nix::sys::signal::Signal;
 use tokio::task::JoinError;
 
+use super::follow::Follow;
 use super::legacy::{lockfile, LegacyWatch};
 use super::monitor::Monitor;
 use super::notify::{self as systemd, Notifier};
@@ -165,6 +166,7 @@ enum Wake {
     /// The cheap look at the legacy nat tables' info.
     LegacyPoll,
     Resync,
+    FullVerify,
     Watchdog,
     /// The owed reconcile's time came.
     Due,
@@ -183,6 +185,8 @@ struct Daemon {
     exporter: crate::metrics::Exporter,
     reconciler: Reconciler,
     monitor: Monitor,
+    /// What the event stream says beyond triggers (facts changes, trust in the set cache).
+    follow: Follow,
     watcher: Watcher,
     legacy: LegacyWatch,
 }
@@ -212,6 +216,7 @@ async fn main_loop(
         exporter,
         reconciler,
         monitor,
+        follow: Follow::default(),
         watcher,
         legacy,
     };
@@ -228,6 +233,8 @@ async fn main_loop(
         let due = tokio::time::Instant::from_std(d.sched.next_start().unwrap_or(far));
         let resync_at = tokio::time::Instant::from_std(d.sched.resync_at());
         let trim_at = d.sched.trim_at();
+        let full_at = d.sched.full_verify_at();
+        let full = tokio::time::Instant::from_std(full_at.unwrap_or(far));
         let trim = tokio::time::Instant::from_std(trim_at.unwrap_or(far));
         let wake = tokio::select! {
             r = d.reconciler.wait() => Wake::Reconciled(Box::new(r)),
@@ -237,6 +244,7 @@ async fn main_loop(
             evs = d.legacy.next() => Wake::Legacy(evs?),
             _ = legacy_poll.tick(), if d.legacy.nat_loaded() => Wake::LegacyPoll,
             _ = tokio::time::sleep_until(resync_at) => Wake::Resync,
+            _ = tokio::time::sleep_until(full), if full_at.is_some() => Wake::FullVerify,
             _ = watchdog.tick(), if wd_period.is_some() => Wake::Watchdog,
             _ = tokio::time::sleep_until(due) => Wake::Due,
             _ = tokio::time::sleep_until(trim), if trim_at.is_some() => Wake::Trim,
@@ -257,6 +265,7 @@ async fn main_loop(
             }
             Wake::LegacyPoll => d.legacy_check(),
             Wake::Resync => d.sched.resync_due(Instant::now()),
+            Wake::FullVerify => d.sched.full_verify_due(Instant::now()),
             Wake::Watchdog => d.notifier.notify("WATCHDOG=1"),
             Wake::Due => {}
             Wake::Trim => d.trim(),
@@ -285,7 +294,13 @@ impl Daemon {
         let Some(s) = self.sched.start(Instant::now()) else {
             return;
         };
-        let full = self.monitor.overflow.starting();
+        let full = self.monitor.overflow.starting() || s.full;
+        let follow = self.follow.starting();
+        let reads_all = s.trigger.reads_all_rules()
+            || (s.trigger == Trigger::Resync && self.follow.overridden_stale());
+        if reads_all {
+            self.follow.overridden_read();
+        }
         self.legacy.starting();
         self.reconciler.start(Inputs {
             trigger: s.trigger,
@@ -293,11 +308,9 @@ impl Daemon {
             policy: self.view.policy.clone(),
             state_dir: self.paths.state_dir.clone(),
             full,
+            follow,
             monitor_fd: self.monitor.raw_fd(),
-            overridden_to: self
-                .exporter
-                .metrics()
-                .filter(|_| s.trigger.reads_all_rules()),
+            overridden_to: self.exporter.metrics().filter(|_| reads_all),
         });
     }
 
@@ -305,8 +318,15 @@ impl Daemon {
     fn reconciled(&mut self, out: Output) {
         // Listen again whatever happened while muted.
         self.monitor.listen();
+        let sets_kept = self.follow.ended();
         let overflow = &mut self.monitor.overflow;
         let f = self.reconciler.finished(out, |ok| overflow.ended(ok));
+        if !sets_kept {
+            self.reconciler.forget_sets();
+        }
+        if let (Some(m), Some(d)) = (self.exporter.metrics(), self.reconciler.dumps()) {
+            m.dumps(&d);
+        }
         let now = Instant::now();
         let changed = f.result.as_ref().is_ok_and(|p| !p.is_empty());
         if let Some(m) = self.exporter.metrics() {
@@ -345,6 +365,8 @@ impl Daemon {
         }
         self.sched
             .set_resync_period(Instant::now(), self.view.resync());
+        self.sched
+            .set_full_verify_period(Instant::now(), self.view.cfg.full_verify_interval);
         let legacy_applied = f
             .result
             .as_ref()
@@ -371,6 +393,8 @@ impl Daemon {
         self.sched.crashed();
         self.sched
             .set_resync_period(Instant::now(), self.view.resync());
+        self.sched
+            .set_full_verify_period(Instant::now(), self.view.cfg.full_verify_interval);
         Ok(())
     }
 
@@ -418,6 +442,9 @@ impl Daemon {
     /// nftables notifications (or a failed read of them).
     fn netlink(&mut self, ev: Result<Vec<Event>, NlError>) {
         let own_pid = self.reconciler.own_pid();
+        if let Ok(evs) = &ev {
+            self.follow.take_in(evs, own_pid);
+        }
         if let Some(t) = self.monitor.take_in(ev, own_pid) {
             self.sched.trigger(t);
         }

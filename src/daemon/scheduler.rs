@@ -42,6 +42,8 @@ pub struct Start {
     pub trigger: Trigger,
     /// It ends a reload: READY=1 follows it, whatever its outcome.
     pub ends_reload: bool,
+    /// It reads everything back (the full verification was due), trusting no cache.
+    pub full: bool,
 }
 
 /// How a reconcile ended, as far as scheduling cares.
@@ -93,6 +95,10 @@ pub struct Scheduler {
     trim_at: Option<Instant>,
     resync_period: Duration,
     resync_at: Instant,
+    /// `daemon.full_verify_interval` and its next deadline (None: never).
+    full_verify: Option<(Duration, Instant)>,
+    /// A full verification is owed: the next reconcile to start reads everything.
+    full_owed: bool,
 }
 
 impl Scheduler {
@@ -111,6 +117,8 @@ impl Scheduler {
             trim_at: None,
             resync_period,
             resync_at: now + resync_period,
+            full_verify: None,
+            full_owed: false,
         }
     }
 
@@ -163,6 +171,7 @@ impl Scheduler {
         let s = Start {
             trigger,
             ends_reload: std::mem::take(&mut self.reload_pending),
+            full: std::mem::take(&mut self.full_owed),
         };
         self.running = Some(s);
         Some(s)
@@ -271,6 +280,29 @@ impl Scheduler {
         if period != self.resync_period {
             self.resync_period = period;
             self.resync_at = now + period;
+        }
+    }
+
+    /// When the next full verification is due (None: never).
+    pub fn full_verify_at(&self) -> Option<Instant> {
+        self.full_verify.map(|(_, at)| at)
+    }
+
+    /// The full verification timer fired at `now`: a reconcile that reads everything back is
+    /// owed (whatever else it coalesces with), the next one a period later.
+    pub fn full_verify_due(&mut self, now: Instant) {
+        if let Some((period, at)) = &mut self.full_verify {
+            *at = now + *period;
+            self.full_owed = true;
+            self.trigger(Trigger::FullVerify);
+        }
+    }
+
+    /// `daemon.full_verify_interval` now in force (None: never). A new period counts from
+    /// `now`; the same one keeps its deadline.
+    pub fn set_full_verify_period(&mut self, now: Instant, period: Option<Duration>) {
+        if self.full_verify.map(|(p, _)| p) != period {
+            self.full_verify = period.map(|p| (p, now + p));
         }
     }
 

@@ -4,12 +4,19 @@
 
 use std::fmt;
 
-use rustables::sys::NFT_MSG_NEWGEN;
+use rustables::sys::{
+    NFT_MSG_DELCHAIN, NFT_MSG_DELRULE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE,
+};
 use rustables::ProtocolFamily;
 
 use crate::backend::TABLE;
+use crate::detect::HINT_CHAINS;
 use crate::netlink::Event;
 use crate::policy::Family;
+
+/// The chain of iptables-nft's nat tables where masqd looks for the broad default rule.
+const BROAD_RULE_CHAIN: &str = "POSTROUTING";
 
 /// Why a reconcile is wanted. Triggers that arrive while one is pending coalesce into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,17 +41,20 @@ pub enum Trigger {
     LegacyVerify,
     /// The resync timer.
     Resync,
+    /// The full verification timer (`daemon.full_verify_interval`): everything read back.
+    FullVerify,
     /// The reconcile task died; the same work again.
     Retry,
 }
 
 impl Trigger {
     /// Whether this reconcile also reads the other NAT rules for the metrics (a dump of every
-    /// rule): only at start-up, resync and reload.
+    /// rule): at start-up, a reload or configuration change and a full verification; a resync
+    /// only when rules changed since the last reading (the loop asks [`super::follow::Follow`]).
     pub fn reads_all_rules(self) -> bool {
         matches!(
             self,
-            Trigger::Start | Trigger::Resync | Trigger::Reload | Trigger::ConfigChanged
+            Trigger::Start | Trigger::FullVerify | Trigger::Reload | Trigger::ConfigChanged
         )
     }
 
@@ -83,34 +93,53 @@ impl fmt::Display for Trigger {
             Trigger::LegacyChanged => "legacy xtables change",
             Trigger::LegacyVerify => "verifying masqd's legacy commit",
             Trigger::Resync => "resync",
+            Trigger::FullVerify => "full verification",
             Trigger::Retry => "retry",
         })
     }
 }
 
-/// Whether a notification concerns masqd: its own table, or the nat tables where default rules
-/// live, changed by someone else (or lost notifications).
+/// Whether a notification by someone else asks for a reconcile by itself: a change to masqd's
+/// own table; to the chain where a broad default rule lives (`POSTROUTING` of `ip nat` /
+/// `ip6 nat`, iptables-nft's tables) or to those tables themselves; a hint chain detection
+/// reads; a table deleted anywhere (the rules it held are counted no more). Rule churn in
+/// other chains (kube-proxy's) causes no work: whether it moves a family's rule count across
+/// zero, which can change the backend, is [`super::follow::Follow`]'s to tell. Lost
+/// notifications always count.
 pub fn relevant(e: &Event, own_pid: u32) -> bool {
-    match e {
-        Event::Overrun => true,
-        Event::Change {
-            kind,
-            family,
-            pid,
-            table,
-        } => {
-            if *pid == own_pid || u32::from(*kind) == NFT_MSG_NEWGEN {
-                return false;
-            }
-            let nat_family = *family == Family::V4.nfproto() || *family == Family::V6.nfproto();
-            // `table inet masqd`: masqd's own table is of the inet family.
-            let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
-            match table.as_deref() {
-                Some(TABLE) => inet,
-                Some("nat") => nat_family,
-                _ => false,
-            }
-        }
+    let Event::Change {
+        kind,
+        family,
+        pid,
+        table,
+        name,
+    } = e
+    else {
+        return *e == Event::Overrun;
+    };
+    if *pid == own_pid {
+        return false;
+    }
+    let nat_family = *family == Family::V4.nfproto() || *family == Family::V6.nfproto();
+    // `table inet masqd`: masqd's own table is of the inet family.
+    let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
+    let kind = u32::from(*kind);
+    let chain_or_rule = matches!(
+        kind,
+        NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN | NFT_MSG_NEWRULE | NFT_MSG_DELRULE
+    );
+    let chain = matches!(kind, NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN);
+    // A message without the name it should carry is taken as concerning masqd.
+    let named = |want: &[&str]| name.as_deref().is_none_or(|n| want.contains(&n));
+    match table.as_deref() {
+        Some(TABLE) if inet => true,
+        _ if kind == NFT_MSG_DELTABLE && (nat_family || inet) => true,
+        _ if chain && nat_family && name.is_some() && named(&HINT_CHAINS) => true,
+        Some("nat") if nat_family => match kind {
+            NFT_MSG_NEWTABLE | NFT_MSG_DELTABLE => true,
+            _ => chain_or_rule && named(&[BROAD_RULE_CHAIN]),
+        },
+        _ => false,
     }
 }
 
@@ -165,12 +194,21 @@ mod tests {
     const NFPROTO_IPV6: u8 = 10;
 
     fn change(family: u8, table: &str, pid: u32) -> Event {
+        rule(family, table, "POSTROUTING", pid)
+    }
+
+    fn msg(kind: u16, family: u8, table: &str, name: Option<&str>, pid: u32) -> Event {
         Event::Change {
-            kind: 6,
+            kind,
             family,
             pid,
             table: Some(table.into()),
+            name: name.map(str::to_string),
         }
+    }
+
+    fn rule(family: u8, table: &str, chain: &str, pid: u32) -> Event {
+        msg(6, family, table, Some(chain), pid)
     }
 
     #[test]
@@ -197,16 +235,48 @@ mod tests {
             !relevant(&change(NFPROTO_IPV4, "masqd", 99), 7),
             "ip masqd is not masqd's table"
         );
-        let newgen = Event::Change {
-            kind: 15,
-            family: 0,
-            pid: 99,
-            table: None,
-        };
+        let newgen = Event::Generation { id: 5, pid: 99 };
         assert!(
             !relevant(&newgen, 7),
             "generation messages follow every commit"
         );
+    }
+
+    #[test]
+    fn churn_in_other_chains_is_no_work() {
+        // kube-proxy's chains in ip nat: rules come and go all the time.
+        assert!(!relevant(&rule(NFPROTO_IPV4, "nat", "KUBE-SVC-ABC", 99), 7));
+        assert!(!relevant(&rule(NFPROTO_IPV6, "nat", "KUBE-SEP-XYZ", 99), 7));
+        let del = msg(8, NFPROTO_IPV4, "nat", Some("KUBE-SERVICES"), 99);
+        assert!(!relevant(&del, 7));
+        assert!(!relevant(
+            &msg(3, NFPROTO_IPV4, "nat", Some("KUBE-NEW"), 99),
+            7
+        ));
+        // Where the broad rule lives, and the tables themselves, do count.
+        assert!(relevant(
+            &msg(8, NFPROTO_IPV4, "nat", Some("POSTROUTING"), 99),
+            7
+        ));
+        assert!(relevant(
+            &msg(5, NFPROTO_IPV6, "nat", Some("POSTROUTING"), 99),
+            7
+        ));
+        assert!(relevant(&msg(0, NFPROTO_IPV4, "nat", None, 99), 7));
+        assert!(
+            relevant(&msg(6, NFPROTO_IPV4, "nat", None, 99), 7),
+            "unnamed"
+        );
+        // A deleted table anywhere: its rules are counted no more.
+        assert!(relevant(&msg(2, NFPROTO_IPV4, "filter", None, 99), 7));
+        assert!(relevant(&msg(2, NFPROTO_INET, "firewalld", None, 99), 7));
+        assert!(!relevant(&msg(0, NFPROTO_INET, "firewalld", None, 99), 7));
+        // Hint chains, in any table of the family.
+        let hint = msg(3, NFPROTO_IPV4, "mangle", Some("KUBE-IPTABLES-HINT"), 99);
+        assert!(relevant(&hint, 7));
+        assert!(!relevant(&msg(3, NFPROTO_IPV4, "mangle", Some("X"), 99), 7));
+        // Set elements of ip nat are not masqd's.
+        assert!(!relevant(&msg(12, NFPROTO_IPV4, "nat", Some("s"), 99), 7));
     }
 
     #[test]
@@ -240,6 +310,7 @@ mod tests {
             (Trigger::LegacyChanged, "legacy xtables change"),
             (Trigger::LegacyVerify, "verifying masqd's legacy commit"),
             (Trigger::Resync, "resync"),
+            (Trigger::FullVerify, "full verification"),
             (Trigger::Retry, "retry"),
         ];
         for (t, s) in all {
@@ -256,7 +327,7 @@ mod tests {
                 Trigger::Start,
                 Trigger::ConfigChanged,
                 Trigger::Reload,
-                Trigger::Resync
+                Trigger::FullVerify
             ]
         );
     }
@@ -274,6 +345,7 @@ mod tests {
             LegacyChanged,
             LegacyVerify,
             Resync,
+            FullVerify,
             Retry,
         ];
         let kept: Vec<Trigger> = all.into_iter().filter(|t| t.keeps_legacy_facts()).collect();

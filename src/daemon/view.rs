@@ -165,6 +165,11 @@ impl View {
         self.backend = plan.backend_name(&self.policy);
         self.legacy_in_use = uses_legacy(plan, &self.policy);
         if plan.is_empty() {
+            tracing::debug!(
+                target: TARGET,
+                "in sync after {why} ({:.1} ms)",
+                took.as_secs_f64() * 1000.0
+            );
             self.last = Some(format!("{} in sync", utc_hms(SystemTime::now())));
             return;
         }

@@ -81,6 +81,8 @@ pub(super) struct Inner {
     pub(super) last_error: Option<String>,
     pub(super) resync: Duration,
     pub(super) backend: String,
+    /// The reconcile socket's dump requests at the last look, by object.
+    pub(super) dumps: BTreeMap<String, u64>,
 }
 
 /// The repair causes of an applied plan: the table was gone (everything else follows from

@@ -43,6 +43,11 @@ struct TableLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectLabel {
+    object: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     backend: String,
@@ -61,6 +66,7 @@ pub struct Metrics {
     build_info: MetricFamily<BuildLabels, Gauge>,
     config_ok: Gauge,
     config_failures: Counter,
+    dumps: MetricFamily<ObjectLabel, Counter>,
     inner: Mutex<Inner>,
 }
 
@@ -103,6 +109,7 @@ impl Metrics {
             build_info: MetricFamily::default(),
             config_ok: Gauge::default(),
             config_failures: Counter::default(),
+            dumps: MetricFamily::default(),
             inner: Mutex::new(Inner {
                 backend: "undecided".into(),
                 ..Inner::default()
@@ -175,6 +182,12 @@ impl Metrics {
             m.config_failures.clone(),
         );
         registry.register(
+            "masqd_netlink_dumps",
+            "Dump requests the reconciles sent to nf_tables, by object (restarted dumps count \
+             again): what following the event stream saves",
+            m.dumps.clone(),
+        );
+        registry.register(
             "masqd_build_info",
             "masqd's version and the backend in use",
             m.build_info.clone(),
@@ -189,6 +202,20 @@ impl Metrics {
                 backend: backend.into(),
             })
             .set(1);
+    }
+
+    /// Takes in the reconciles' dump requests so far (`object`, count since their socket was
+    /// opened; a fresh socket starts again from zero).
+    pub fn dumps(&self, counts: &[(&str, u64)]) {
+        for (object, n) in counts {
+            let c = self.dumps.get_or_create(&ObjectLabel {
+                object: (*object).into(),
+            });
+            let mut inner = self.lock();
+            let last = inner.dumps.entry((*object).to_string()).or_default();
+            c.inc_by(if *n >= *last { *n - *last } else { *n });
+            *last = *n;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -10,23 +10,46 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
     if m.kind >> 8 != sys::NFNL_SUBSYS_NFTABLES as u16 || m.body.len() < NFGENMSG_LEN {
         return None;
     }
+    let kind = m.kind & 0xff;
+    let at = Attrs(&m.body[NFGENMSG_LEN..]);
+    if u32::from(kind) == sys::NFT_MSG_NEWGEN {
+        // The last message of every committed transaction: NFTA_GEN_ID is the new generation.
+        let id = at.get(sys::NFTA_GEN_ID).and_then(|a| a.be32())?;
+        return Some(Event::Generation { id, pid: m.pid });
+    }
     // Attribute 1 is the table name in every table/chain/rule/set/element message.
-    let table = Attrs(&m.body[NFGENMSG_LEN..])
-        .get(1)
+    let table = at.get(1).and_then(|a| a.str()).map(str::to_string);
+    let name = name_attr(u32::from(kind))
+        .and_then(|n| at.get(n))
         .and_then(|a| a.str())
         .map(str::to_string);
     Some(Event::Change {
-        kind: m.kind & 0xff,
+        kind,
         family: m.body[0],
         pid: m.pid,
         table,
+        name,
     })
+}
+
+/// The attribute naming the object of a message type: a rule's chain (`NFTA_RULE_CHAIN`), a
+/// chain's name (`NFTA_CHAIN_NAME`), a set's name (`NFTA_SET_NAME`, and
+/// `NFTA_SET_ELEM_LIST_SET` for elements).
+fn name_attr(kind: u32) -> Option<u16> {
+    let n = match kind {
+        sys::NFT_MSG_NEWRULE | sys::NFT_MSG_DELRULE => sys::NFTA_RULE_CHAIN,
+        sys::NFT_MSG_NEWCHAIN | sys::NFT_MSG_DELCHAIN => sys::NFTA_CHAIN_NAME,
+        sys::NFT_MSG_NEWSET | sys::NFT_MSG_DELSET => sys::NFTA_SET_NAME,
+        sys::NFT_MSG_NEWSETELEM | sys::NFT_MSG_DELSETELEM => sys::NFTA_SET_ELEM_LIST_SET,
+        _ => return None,
+    };
+    Some(n)
 }
 
 /// An nftables change notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A change: message type (`NFT_MSG_*`), family, sender port id, table name.
+    /// A change: message type (`NFT_MSG_*`), family, sender port id, table and object name.
     Change {
         /// `NFT_MSG_NEWRULE`, `NFT_MSG_DELTABLE`, …
         kind: u16,
@@ -34,8 +57,18 @@ pub enum Event {
         family: u8,
         /// Port id of the socket that made the change.
         pid: u32,
-        /// The table concerned (None for generation messages).
+        /// The table concerned.
         table: Option<String>,
+        /// The chain of a rule, the name of a chain or of a set (None for tables).
+        name: Option<String>,
+    },
+    /// `NFT_MSG_NEWGEN`: a transaction was committed; the changes before it (since the last
+    /// one) belong to generation `id`.
+    Generation {
+        /// The ruleset generation after the commit.
+        id: u32,
+        /// Port id of the committing socket.
+        pid: u32,
     },
     /// Notifications were lost (receive buffer overrun): anything may have changed.
     Overrun,

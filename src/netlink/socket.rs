@@ -73,7 +73,13 @@ pub struct Socket {
     fd: OwnedFd,
     seq: u32,
     buf: Vec<u8>,
+    /// Dump requests sent, by `NFT_MSG_GET*` type (restarts included; filtered ones at
+    /// `type + FILTERED`): what reading the ruleset cost this socket.
+    dumps: [u64; 2 * FILTERED as usize],
 }
+
+/// Where filtered dumps are counted in [`Socket::dumps`]: above every `NFT_MSG_*` type.
+const FILTERED: u32 = 32;
 
 fn io_err(what: &str, e: nix::Error) -> NlError {
     NlError::Io {
@@ -124,6 +130,7 @@ impl Socket {
             fd,
             seq: 1_000,
             buf: vec![0; 256 * 1024],
+            dumps: [0; 2 * FILTERED as usize],
         })
     }
 
@@ -261,7 +268,16 @@ impl Socket {
         let seq = self.next_seq();
         let mut w = Writer::default();
         w.begin(nft_type(kind), NLM_F_DUMP | NLM_F_ACK, seq, family, 0);
+        let bare = w.msg_len();
         filter(&mut w);
+        let slot = if w.msg_len() == bare {
+            kind
+        } else {
+            kind + FILTERED
+        };
+        if let Some(n) = self.dumps.get_mut(slot as usize) {
+            *n += 1;
+        }
         w.end();
         let reader = DumpReader::new(seq, what);
         let deadline = Deadline::At(deadline, DUMP_DEADLINE);
@@ -404,6 +420,14 @@ impl Socket {
         nix::fcntl::fcntl(&s.fd, nix::fcntl::FcntlArg::F_SETFL(flags))
             .map_err(|e| io_err("fcntl", e))?;
         Ok(s)
+    }
+
+    /// Dump requests this socket sent for message type `kind` (`NFT_MSG_GETRULE`, …),
+    /// restarted dumps counted again: `(whole, filtered)`, the latter narrowed by attributes
+    /// (one table's or one chain's objects, one set's elements).
+    pub fn dumps(&self, kind: u32) -> (u64, u64) {
+        let at = |k: u32| self.dumps.get(k as usize).copied().unwrap_or(0);
+        (at(kind), at(kind + FILTERED))
     }
 
     /// Drains the pending change notifications without blocking. Equals reading what

@@ -187,8 +187,27 @@ fn notifications_name_their_table_and_sender() {
             family: 1,
             pid: 77,
             table: Some("nat".into()),
+            name: None,
         })
     );
+    // A rule names its chain; the generation message ends a transaction.
+    let mut w = Writer::default();
+    w.put_str(1, "nat");
+    w.put_str(2, "POSTROUTING");
+    let mut b = vec![2, 0, 0, 0];
+    b.extend(w.into_bytes());
+    let m = split(&msg(NEWRULE, 0, 0, &b)).unwrap().remove(0);
+    assert!(matches!(
+        event_of(&m),
+        Some(Event::Change { family: 2, name: Some(n), .. }) if n == "POSTROUTING"
+    ));
+    let mut w = Writer::default();
+    w.put(1, &41u32.to_be_bytes());
+    let mut b = vec![0, 0, 0, 0];
+    b.extend(w.into_bytes());
+    // NFT_MSG_NEWGEN is 15 (linux/netfilter/nf_tables.h), in subsystem 10 (NFNL_SUBSYS_NFTABLES).
+    let m = split(&msg((10 << 8) | 15, 0, 0, &b)).unwrap().remove(0);
+    assert_eq!(event_of(&m), Some(Event::Generation { id: 41, pid: 77 }));
     let other = split(&msg(NLMSG_DONE, 0, 0, &[0; 4])).unwrap().remove(0);
     assert_eq!(event_of(&other), None);
 }

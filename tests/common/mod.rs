@@ -3,6 +3,7 @@
 //! independent oracle `nft -j`.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -650,4 +651,55 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET path` on `addr` from inside `ns`: (status code, body), or None when nobody answers.
+pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        parse_response(&resp)
+    })
+}
+
+pub fn parse_response(resp: &str) -> Option<(u16, String)> {
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// Every sample of an exposition: `name{labels}` (labels sorted) → value.
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = l.rsplit_once(' ').expect("sample line");
+        let key = match series.split_once('{') {
+            None => series.to_string(),
+            Some((name, labels)) => {
+                let mut ls: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                ls.sort();
+                format!("{name}{{{}}}", ls.join(","))
+            }
+        };
+        out.insert(key, value.parse().expect("sample value"));
+    }
+    out
+}
+
+/// `GET path` over the Unix socket `sock` (`[metrics] listen = "/path"`): (status code, body).
+pub fn unix_get(sock: &Path, path: &str) -> Option<(u16, String)> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    parse_response(&resp)
 }

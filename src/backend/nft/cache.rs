@@ -12,6 +12,9 @@ pub struct SetCache {
     pub genid: u32,
     /// The sets it left.
     pub sets: std::collections::BTreeMap<String, ObservedSet>,
+    /// The daemon vouches that no one else changed masqd's sets since (it follows the
+    /// change notifications): valid whatever the generation.
+    pub followed: bool,
 }
 
 impl SetCache {
@@ -32,6 +35,7 @@ impl SetCache {
                     )
                 })
                 .collect(),
+            followed: false,
         }
     }
 }

@@ -1,14 +1,15 @@
 //! The native nftables driver: [`super::Driver`] over the `pub` API of [`super::nft`], owning
-//! its netlink socket and the cache of the sets it committed last ([`SetCache`]).
+//! its netlink socket, the cache of the sets it committed last ([`SetCache`]) and, for the
+//! daemon, the counted detection facts it follows from notifications ([`Counted`]).
 
 use std::borrow::BorrowMut;
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::backend::nft::{self, SetCache};
+use crate::backend::nft::{self, Counted, FactsDelta, SetCache};
 use crate::backend::{Applied, Backend, Change, Changes, Driver, Mute, Observation, Restored};
 use crate::backend::{Observed, QUIET_ELEMENTS};
-use crate::detect::{Facts, HINT_CHAINS};
+use crate::detect::Facts;
 use crate::foreign::NatRule;
 use crate::netlink::Socket;
 use crate::policy::{Family, Policy};
@@ -19,6 +20,26 @@ pub struct NftDriver<S: BorrowMut<Socket> = Socket> {
     sock: S,
     cache: Option<SetCache>,
     available: bool,
+    /// The owner follows the change notifications ([`NftDriver::follow`]): the set cache and
+    /// the counted facts stay valid across other writers' commits.
+    following: bool,
+    /// The counted detection facts per family (`[ipv4, ipv6]`), while followed.
+    counted: [Option<Counted>; 2],
+}
+
+/// What masqd's own commit (generation `gen`) changes in the counted facts: a removed broad
+/// rule is one rule less in its family (masqd's own table is not counted).
+fn own_delta(changes: &[Change], gen: u32) -> FactsDelta {
+    let mut d = FactsDelta {
+        gen,
+        ..FactsDelta::default()
+    };
+    for c in changes {
+        if let Change::RemoveDefaultRule(r) = c {
+            d.rules[r.table_family.index()] -= 1;
+        }
+    }
+    d
 }
 
 /// Whether an errno says the kernel answers no nf_tables requests.
@@ -48,7 +69,64 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
             sock,
             cache,
             available: true,
+            following: false,
+            counted: [None, None],
         }
+    }
+
+    /// The daemon's driver: it follows the change notifications and hands them in before each
+    /// reconcile ([`NftDriver::follow`], [`NftDriver::trust_sets`]).
+    pub fn following(mut self) -> NftDriver<S> {
+        self.following = true;
+        self
+    }
+
+    /// Takes in the counted-facts changes of the transactions committed since the last call
+    /// (in generation order). Facts that cannot be followed are dropped (read again).
+    pub fn follow(&mut self, deltas: &[FactsDelta]) {
+        if !deltas.is_empty() {
+            tracing::debug!("detection facts: following {} transaction(s)", deltas.len());
+        }
+        for f in Family::ALL {
+            let c = &mut self.counted[f.index()];
+            if let Some(facts) = c {
+                if !deltas.iter().all(|d| facts.follow(f, d)) {
+                    *c = None;
+                }
+            }
+        }
+    }
+
+    /// Whether the set cache may be used whatever the generation: no one else changed
+    /// masqd's sets since it was made, as far as the notifications tell.
+    pub fn trust_sets(&mut self, trusted: bool) {
+        if let Some(c) = &mut self.cache {
+            c.followed = trusted && self.following;
+        }
+    }
+
+    /// Drops the counted facts only (the notifications that follow them were lost).
+    pub fn forget_counted(&mut self) {
+        self.counted = [None, None];
+    }
+
+    /// Drops the set cache only (someone else changed masqd's sets).
+    pub fn forget_sets(&mut self) {
+        self.cache = None;
+    }
+
+    /// The counted facts of family `f`: followed ones, else read now (and kept when the
+    /// driver follows and the read saw one generation only).
+    fn counted_of(&mut self, f: Family, gen: u32) -> Result<Counted> {
+        if let Some(c) = &self.counted[f.index()] {
+            return Ok(c.clone());
+        }
+        let sock = self.sock.borrow_mut();
+        let c = Counted::new(gen, &nft::counted(sock, f)?);
+        if self.following && nft::genid(sock).ok() == Some(gen) {
+            self.counted[f.index()] = Some(c.clone());
+        }
+        Ok(c)
     }
 
     /// The socket (the daemon recognises its own notifications by its port id).
@@ -119,7 +197,14 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
         if let Some(m) = muted {
             m(true);
         }
-        let res = nft::apply(self.sock.borrow_mut(), changes, Some(o.genid));
+        // Only a change to someone else's object (the broad rule's handle) needs the ruleset
+        // as observed; masqd's own objects are created without EXCL and sets written whole,
+        // so another writer's commit in between does not invalidate the batch.
+        let guard = changes
+            .iter()
+            .any(|c| matches!(c, Change::RemoveDefaultRule(_)))
+            .then_some(o.genid);
+        let res = nft::apply(self.sock.borrow_mut(), changes, guard);
         if let Some(m) = muted {
             m(false);
         }
@@ -130,15 +215,27 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
         }
         let own = o.genid.wrapping_add(1);
         let now = nft::genid(self.sock.borrow_mut()).ok();
-        if now != Some(own) {
+        let others = now != Some(own);
+        if muted.is_some() {
+            // masqd's own notifications were not read either: what its commit did to the
+            // counts is taken in here (another writer's commit meanwhile: count again).
+            match others {
+                false => self.follow(&[own_delta(changes, own)]),
+                true => self.counted = [None, None],
+            }
+        }
+        // Someone else committed too: without notifications to say what, the cache cannot be
+        // trusted (a follower keeps it unless the notifications were muted meanwhile).
+        let keep = !others || (self.following && muted.is_none());
+        if !keep {
             tracing::debug!(
                 "ruleset generation {now:?} after masqd's commit, not {own}: the set cache is \
                  dropped (someone else committed too)"
             );
         }
-        self.cache = (now == Some(own)).then(|| SetCache::after(policy, own));
+        self.cache = keep.then(|| SetCache::after(policy, now.unwrap_or(own)));
         Ok(Applied {
-            missed_events: muted.is_some() && now != Some(own),
+            missed_events: muted.is_some() && others,
         })
     }
 }
@@ -152,23 +249,18 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
     /// whether the kernel answers nf_tables requests at all.
     fn facts(&mut self, f: Family, facts: &mut Facts) -> Result<()> {
         let sock = self.sock.borrow_mut();
-        match nft::genid(sock) {
-            Ok(_) => {}
+        let gen = match nft::genid(sock) {
+            Ok(g) => g,
             Err(e) if unsupported(e.errno()) => {
                 facts.nft_unavailable = true;
                 return Ok(());
             }
             Err(e) => return Err(e).context("asking nf_tables for the ruleset generation"),
-        }
-        let n = nft::facts(sock, f)?;
-        facts.nft_rules = n.rules;
-        facts.nft_hint_chains = n
-            .chains
-            .into_iter()
-            .filter(|(_, _, c)| HINT_CHAINS.contains(&c.as_str()))
-            .map(|(fam, t, c)| format!("{fam} {t}/{c}"))
-            .collect();
-        facts.nft_masqd = n.masqd;
+        };
+        let c = self.counted_of(f, gen)?;
+        facts.nft_rules = c.rules;
+        facts.nft_hint_chains = c.hints;
+        facts.nft_masqd = nft::own_policy(self.sock.borrow_mut(), f)?;
         Ok(())
     }
 
@@ -208,6 +300,7 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
 
     fn forget(&mut self) {
         self.cache = None;
+        self.counted = [None, None];
     }
 
     fn records(&self, changes: &Changes) -> Vec<RemovedRule> {

@@ -49,10 +49,11 @@ pub(crate) fn table_exists(sock: &mut Socket) -> Result<bool, NlError> {
 
 /// Reads everything the plan needs. Equals `nft -j list table inet masqd` plus
 /// `nft -j list chain ip nat POSTROUTING` and `… ip6 nat POSTROUTING`. With a cache of the
-/// current generation, the sets are taken from it instead of dumped.
+/// current generation (or one the daemon keeps true by following notifications), the sets are
+/// taken from it instead of dumped.
 pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> {
     let genid = genid(sock).context("reading the ruleset generation")?;
-    let cached = cache.filter(|c| c.genid == genid);
+    let cached = cache.filter(|c| c.followed || c.genid == genid);
     if let (Some(c), None) = (cache, cached) {
         tracing::debug!(
             "ruleset generation {genid}, set cache of {}: reading the sets back",

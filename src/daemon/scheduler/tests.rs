@@ -343,3 +343,35 @@ fn a_failed_reload_reconcile_keeps_its_reason_when_other_triggers_wait() {
     // failed reason does not replace it).
     assert_eq!(s.start(c.t(200)).unwrap().trigger, Trigger::NetlinkEvent);
 }
+
+#[test]
+fn a_full_verification_reads_everything_whatever_it_coalesces_with() {
+    let c = Clock::new();
+    let mut s = ready(&c);
+    assert_eq!(s.full_verify_at(), None, "off unless configured");
+    s.full_verify_due(c.t(0));
+    assert!(s.start(c.t(0)).is_none(), "off: nothing owed");
+    let hour = Duration::from_secs(3600);
+    s.set_full_verify_period(c.t(10), Some(hour));
+    assert_eq!(s.full_verify_at(), Some(c.t(10) + hour));
+    s.set_full_verify_period(c.t(500), Some(hour));
+    assert_eq!(
+        s.full_verify_at(),
+        Some(c.t(10) + hour),
+        "same period, same deadline"
+    );
+    // Another trigger is owed already: the verification rides along, and reads everything.
+    s.trigger(Trigger::NetlinkEvent);
+    s.full_verify_due(c.t(10) + hour);
+    let st = s.start(c.t(10) + hour).unwrap();
+    assert_eq!((st.trigger, st.full), (Trigger::NetlinkEvent, true));
+    s.ended(c.t(20) + hour, applied(false, false));
+    assert_eq!(s.full_verify_at(), Some(c.t(10) + hour + hour));
+    s.trigger(Trigger::Resync);
+    assert!(
+        !s.start(c.t(30) + hour).unwrap().full,
+        "a plain resync trusts the mirror"
+    );
+    s.set_full_verify_period(c.t(40) + hour, None);
+    assert_eq!(s.full_verify_at(), None);
+}
