@@ -37,7 +37,7 @@ pub use legacy::driver::LegacyDriver;
 pub use legacy::{LegacyObserved, LegacyPlan};
 pub use nft::driver::NftDriver;
 pub use nft::{genid, list_rules, model::RuleSpec};
-pub use nft::{FactsDelta, SetCache};
+pub use nft::{ElemOp, SetCache, TxnDelta};
 
 /// A backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1,8 +1,8 @@
 //! What the daemon takes from the nftables event stream besides triggers: the changes of each
-//! committed transaction to the counted detection facts (handed to the nft driver, which
-//! follows its facts with them instead of dumping every rule again), and whether someone else
-//! touched masqd's sets (whether the driver's set cache stays trusted across other writers'
-//! commits).
+//! committed transaction to the counted detection facts and someone else's changes to the
+//! elements of masqd's sets (handed to the nft driver, which follows its facts and its set
+//! cache with them instead of dumping every rule or the sets again), and whether someone else
+//! changed masqd's table or sets themselves (then the set cache is not trusted: read back).
 //!
 //! No notification here asks for a reconcile by itself: the counts only decide a backend
 //! while masqd's own policy is in neither (design.md §4, "staying there"), which only a change
@@ -12,8 +12,8 @@
 
 use rustables::sys;
 
-use crate::backend::FactsDelta;
 use crate::backend::TABLE;
+use crate::backend::{ElemOp, TxnDelta};
 use crate::netlink::Event;
 
 /// Committed transactions kept for the next reconcile at most; past that the driver reads the
@@ -24,9 +24,9 @@ const MAX_READY: usize = 4096;
 #[derive(Debug, Default)]
 pub(super) struct Follow {
     /// The changes of the transaction being read (its `NEWGEN` not read yet).
-    open: FactsDelta,
+    open: TxnDelta,
     /// Committed transactions' changes, for the driver at the next reconcile start.
-    ready: Vec<FactsDelta>,
+    ready: Vec<TxnDelta>,
     /// More than [`MAX_READY`] were waiting: the driver reads the facts again.
     overflowed: bool,
     /// Someone else changed masqd's sets or table (or notifications were lost) since the
@@ -43,11 +43,11 @@ pub(super) struct Start {
     /// The set cache may be used whatever the generation.
     pub trust_sets: bool,
     /// The facts changes since the last start, in order (None: read the facts again).
-    pub deltas: Option<Vec<FactsDelta>>,
+    pub deltas: Option<Vec<TxnDelta>>,
 }
 
-/// Whether a change by someone else concerns masqd's sets: its table, a set or an element of
-/// `table inet masqd`.
+/// Whether a change by someone else concerns masqd's sets in a way the cache cannot follow:
+/// its table or a set of `table inet masqd` created or deleted (elements are followed).
 fn touches_own_sets(e: &Event, own_pid: u32) -> bool {
     let Event::Change {
         kind,
@@ -68,8 +68,6 @@ fn touches_own_sets(e: &Event, own_pid: u32) -> bool {
                 | sys::NFT_MSG_DELTABLE
                 | sys::NFT_MSG_NEWSET
                 | sys::NFT_MSG_DELSET
-                | sys::NFT_MSG_NEWSETELEM
-                | sys::NFT_MSG_DELSETELEM
         )
 }
 
@@ -80,7 +78,7 @@ impl Follow {
             match e {
                 Event::Overrun => {
                     // The transaction being read is incomplete; the loop resyncs everything.
-                    self.open = FactsDelta::default();
+                    self.open = TxnDelta::default();
                     self.touched = true;
                     self.overflowed = true;
                     self.rules_moved = true;
@@ -89,6 +87,29 @@ impl Follow {
                 Event::Change { .. } => {
                     self.touched |= touches_own_sets(e, own_pid);
                     self.rules_moved |= self.open.take(e);
+                }
+                Event::Elements {
+                    add,
+                    family,
+                    pid,
+                    table,
+                    set,
+                    elements,
+                } => {
+                    let own_table = i32::from(*family) == rustables::ProtocolFamily::Inet as i32
+                        && table.as_deref() == Some(TABLE);
+                    // masqd's own commits are in the cache it made after them.
+                    if own_table && *pid != own_pid {
+                        let set = set.clone().unwrap_or_default();
+                        self.open
+                            .elements
+                            .extend(elements.iter().map(|(key, end)| ElemOp {
+                                set: set.clone(),
+                                add: *add,
+                                key: key.clone(),
+                                end: *end,
+                            }));
+                    }
                 }
             }
         }

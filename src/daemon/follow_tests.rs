@@ -7,8 +7,7 @@ const INET: u8 = 1;
 const IPV4: u8 = 2;
 const NEWRULE: u16 = 6;
 const DELRULE: u16 = 8;
-const NEWSETELEM: u16 = 12;
-const DELSETELEM: u16 = 14;
+const DELSET: u16 = 11;
 const OWN: u32 = 7;
 const OTHER: u32 = 99;
 
@@ -36,7 +35,7 @@ fn transactions_get_their_generation_even_across_batches() {
             gen(21),
             ev(DELRULE, IPV4, "nat", "KUBE-A", OTHER),
             gen(22),
-            ev(NEWSETELEM, INET, "masqd", "nomasq4", OWN),
+            elems(true, "nomasq4", OWN, &[([10, 9, 0, 0], false)]),
             gen(23),
             ev(NEWRULE, IPV4, "nat", "KUBE-C", OTHER),
         ],
@@ -60,26 +59,58 @@ fn transactions_get_their_generation_even_across_batches() {
     );
 }
 
+fn elems(add: bool, set: &str, pid: u32, keys: &[([u8; 4], bool)]) -> Event {
+    Event::Elements {
+        add,
+        family: INET,
+        pid,
+        table: Some("masqd".into()),
+        set: Some(set.into()),
+        elements: keys.iter().map(|(k, end)| (k.to_vec(), *end)).collect(),
+    }
+}
+
 #[test]
-fn someone_else_writing_masqds_set_ends_the_trust() {
+fn someone_elses_elements_are_followed_and_their_table_or_sets_end_the_trust() {
     let mut f = Follow::default();
+    // One interval deleted from nomasq4 by someone else: start and end, one per message.
     f.take_in(
-        &[ev(DELSETELEM, INET, "masqd", "nomasq4", OTHER), gen(5)],
+        &[
+            elems(false, "nomasq4", OTHER, &[([10, 0, 0, 0], false)]),
+            elems(false, "nomasq4", OTHER, &[([10, 0, 1, 0], true)]),
+            gen(5),
+            // masqd's own commit: already in the cache it made.
+            elems(true, "nomasq4", OWN, &[([10, 0, 0, 0], false)]),
+            gen(6),
+        ],
         OWN,
     );
-    assert!(!f.starting().trust_sets);
+    let s = f.starting();
     assert!(
-        f.starting().trust_sets,
-        "the next reconcile read the sets again"
+        s.trust_sets,
+        "elements are followed, not a reason to read back"
     );
-    // During a reconcile: its cache is not kept.
-    f.take_in(&[ev(NEWSETELEM, INET, "masqd", "pod4", OTHER), gen(6)], OWN);
-    assert!(!f.ended());
+    let d = s.deltas.unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].gen, 5);
+    assert_eq!(
+        d[0].elements
+            .iter()
+            .map(|o| (o.set.as_str(), o.add, o.key.clone(), o.end))
+            .collect::<Vec<_>>(),
+        vec![
+            ("nomasq4", false, vec![10, 0, 0, 0], false),
+            ("nomasq4", false, vec![10, 0, 1, 0], true)
+        ]
+    );
+    // A set deleted and created again by someone else: not followed.
+    f.take_in(&[ev(DELSET, INET, "masqd", "pod4", OTHER), gen(7)], OWN);
+    assert!(!f.ended(), "during a reconcile: its cache is not kept");
     assert!(!f.starting().trust_sets);
     assert!(f.ended());
     // masqd's rules by someone else do not concern the sets.
     f.take_in(
-        &[ev(DELRULE, INET, "masqd", "postrouting", OTHER), gen(7)],
+        &[ev(DELRULE, INET, "masqd", "postrouting", OTHER), gen(8)],
         OWN,
     );
     assert!(f.starting().trust_sets);
@@ -103,7 +134,10 @@ fn the_other_nat_rules_are_read_again_only_after_rules_moved() {
     let mut f = Follow::default();
     assert!(!f.overridden_stale(), "read at start-up");
     f.take_in(
-        &[ev(NEWSETELEM, INET, "masqd", "nomasq4", OWN), gen(2)],
+        &[
+            elems(true, "nomasq4", OTHER, &[([10, 9, 0, 0], false)]),
+            gen(2),
+        ],
         OWN,
     );
     assert!(!f.overridden_stale(), "elements are not rules");

@@ -107,15 +107,23 @@ impl fmt::Display for Trigger {
 /// zero, which can change the backend, is [`super::follow::Follow`]'s to tell. Lost
 /// notifications always count.
 pub fn relevant(e: &Event, own_pid: u32) -> bool {
-    let Event::Change {
-        kind,
-        family,
-        pid,
-        table,
-        name,
-    } = e
-    else {
-        return *e == Event::Overrun;
+    let (kind, family, pid, table, name) = match e {
+        Event::Change {
+            kind,
+            family,
+            pid,
+            table,
+            name,
+        } => (kind, family, pid, table, name),
+        // Elements of masqd's sets changed by someone else: a repair.
+        Event::Elements {
+            family, pid, table, ..
+        } => {
+            let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
+            return *pid != own_pid && inet && table.as_deref() == Some(TABLE);
+        }
+        Event::Overrun => return true,
+        Event::Generation { .. } => return false,
     };
     if *pid == own_pid {
         return false;
@@ -275,8 +283,19 @@ mod tests {
         let hint = msg(3, NFPROTO_IPV4, "mangle", Some("KUBE-IPTABLES-HINT"), 99);
         assert!(relevant(&hint, 7));
         assert!(!relevant(&msg(3, NFPROTO_IPV4, "mangle", Some("X"), 99), 7));
-        // Set elements of ip nat are not masqd's.
-        assert!(!relevant(&msg(12, NFPROTO_IPV4, "nat", Some("s"), 99), 7));
+        // Set elements: masqd's, changed by someone else, are a repair; others' are not.
+        let elems = |family, table: &str, pid| Event::Elements {
+            add: false,
+            family,
+            pid,
+            table: Some(table.into()),
+            set: Some("nomasq4".into()),
+            elements: vec![(vec![10, 0, 0, 0], false)],
+        };
+        assert!(relevant(&elems(NFPROTO_INET, "masqd", 99), 7));
+        assert!(!relevant(&elems(NFPROTO_INET, "masqd", 7), 7), "own");
+        assert!(!relevant(&elems(NFPROTO_IPV4, "nat", 99), 7));
+        assert!(!relevant(&elems(NFPROTO_INET, "kube-proxy", 99), 7));
     }
 
     #[test]

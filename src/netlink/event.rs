@@ -19,6 +19,20 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
     }
     // Attribute 1 is the table name in every table/chain/rule/set/element message.
     let table = at.get(1).and_then(|a| a.str()).map(str::to_string);
+    let k = u32::from(kind);
+    if k == sys::NFT_MSG_NEWSETELEM || k == sys::NFT_MSG_DELSETELEM {
+        return Some(Event::Elements {
+            add: k == sys::NFT_MSG_NEWSETELEM,
+            family: m.body[0],
+            pid: m.pid,
+            table,
+            set: at
+                .get(sys::NFTA_SET_ELEM_LIST_SET)
+                .and_then(|a| a.str())
+                .map(str::to_string),
+            elements: elements_of(at),
+        });
+    }
     let name = name_attr(u32::from(kind))
         .and_then(|n| at.get(n))
         .and_then(|a| a.str())
@@ -32,6 +46,30 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
     })
 }
 
+/// The elements of a set-element message, in order: the key's bytes and whether the element
+/// carries `NFT_SET_ELEM_INTERVAL_END` (the kernel notifies one element per message).
+fn elements_of(at: Attrs<'_>) -> Vec<(Vec<u8>, bool)> {
+    let Some(list) = at.get(sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
+        return Vec::new();
+    };
+    list.nested()
+        .filter_map(|e| {
+            let ea = e.nested();
+            let key = ea
+                .get(sys::NFTA_SET_ELEM_KEY)?
+                .nested()
+                .get(sys::NFTA_DATA_VALUE)?
+                .data
+                .to_vec();
+            let flags = ea
+                .get(sys::NFTA_SET_ELEM_FLAGS)
+                .and_then(|x| x.be32())
+                .unwrap_or(0);
+            Some((key, flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0))
+        })
+        .collect()
+}
+
 /// The attribute naming the object of a message type: a rule's chain (`NFTA_RULE_CHAIN`), a
 /// chain's name (`NFTA_CHAIN_NAME`), a set's name (`NFTA_SET_NAME`, and
 /// `NFTA_SET_ELEM_LIST_SET` for elements).
@@ -40,7 +78,6 @@ fn name_attr(kind: u32) -> Option<u16> {
         sys::NFT_MSG_NEWRULE | sys::NFT_MSG_DELRULE => sys::NFTA_RULE_CHAIN,
         sys::NFT_MSG_NEWCHAIN | sys::NFT_MSG_DELCHAIN => sys::NFTA_CHAIN_NAME,
         sys::NFT_MSG_NEWSET | sys::NFT_MSG_DELSET => sys::NFTA_SET_NAME,
-        sys::NFT_MSG_NEWSETELEM | sys::NFT_MSG_DELSETELEM => sys::NFTA_SET_ELEM_LIST_SET,
         _ => return None,
     };
     Some(n)
@@ -61,6 +98,21 @@ pub enum Event {
         table: Option<String>,
         /// The chain of a rule, the name of a chain or of a set (None for tables).
         name: Option<String>,
+    },
+    /// `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM`: elements added to or deleted from a set.
+    Elements {
+        /// Added (else deleted).
+        add: bool,
+        /// nfgen family.
+        family: u8,
+        /// Port id of the socket that made the change.
+        pid: u32,
+        /// The table concerned.
+        table: Option<String>,
+        /// The set.
+        set: Option<String>,
+        /// Each element's key bytes and whether it ends an interval, in message order.
+        elements: Vec<(Vec<u8>, bool)>,
     },
     /// `NFT_MSG_NEWGEN`: a transaction was committed; the changes before it (since the last
     /// one) belong to generation `id`.

@@ -6,7 +6,7 @@ use std::borrow::BorrowMut;
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::backend::nft::{self, Counted, FactsDelta, SetCache};
+use crate::backend::nft::{self, Counted, SetCache, TxnDelta};
 use crate::backend::{Applied, Backend, Change, Changes, Driver, Mute, Observation, Restored};
 use crate::backend::{Observed, QUIET_ELEMENTS};
 use crate::detect::Facts;
@@ -29,10 +29,10 @@ pub struct NftDriver<S: BorrowMut<Socket> = Socket> {
 
 /// What masqd's own commit (generation `gen`) changes in the counted facts: a removed broad
 /// rule is one rule less in its family (masqd's own table is not counted).
-fn own_delta(changes: &[Change], gen: u32) -> FactsDelta {
-    let mut d = FactsDelta {
+fn own_delta(changes: &[Change], gen: u32) -> TxnDelta {
+    let mut d = TxnDelta {
         gen,
-        ..FactsDelta::default()
+        ..TxnDelta::default()
     };
     for c in changes {
         if let Change::RemoveDefaultRule(r) = c {
@@ -81,9 +81,13 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
         self
     }
 
-    /// Takes in the counted-facts changes of the transactions committed since the last call
-    /// (in generation order). Facts that cannot be followed are dropped (read again).
-    pub fn follow(&mut self, deltas: &[FactsDelta]) {
+    /// Takes in the changes of the transactions committed since the last call (in generation
+    /// order): to the counted facts, and someone else's to masqd's set elements. What cannot
+    /// be followed is dropped (read again): facts after a deleted table; the set cache after
+    /// an element change it cannot place, or one made before the cache's generation (it
+    /// happened while masqd committed, so the cache does not hold it).
+    pub fn follow(&mut self, deltas: &[TxnDelta]) {
+        self.follow_sets(deltas);
         if !deltas.is_empty() {
             tracing::debug!("detection facts: following {} transaction(s)", deltas.len());
         }
@@ -93,6 +97,23 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
                 if !deltas.iter().all(|d| facts.follow(f, d)) {
                     *c = None;
                 }
+            }
+        }
+    }
+
+    fn follow_sets(&mut self, deltas: &[TxnDelta]) {
+        let Some(cache) = &mut self.cache else {
+            return;
+        };
+        for d in deltas.iter().filter(|d| !d.elements.is_empty()) {
+            if d.gen <= cache.genid || !cache.follow(&d.elements) {
+                tracing::debug!(
+                    "someone else changed masqd's set elements in generation {}: the sets are \
+                     read back",
+                    d.gen
+                );
+                self.cache = None;
+                return;
             }
         }
     }
@@ -233,7 +254,9 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
                  dropped (someone else committed too)"
             );
         }
-        self.cache = keep.then(|| SetCache::after(policy, now.unwrap_or(own)));
+        // The generation of masqd's own commit: element changes notified after it are
+        // followed, ones before it (made while masqd committed) are not in the cache.
+        self.cache = keep.then(|| SetCache::after(policy, own));
         Ok(Applied {
             missed_events: muted.is_some() && others,
         })

@@ -1,6 +1,6 @@
 //! Detection facts of nftables for one family ([`NftFacts`]), read over netlink, and the
 //! expensive part of them (rule counts, hint chains) followed from change notifications
-//! ([`Counted`], [`FactsDelta`]) so that the daemon never dumps every rule of the ruleset again
+//! ([`Counted`], [`TxnDelta`]) so that the daemon never dumps every rule of the ruleset again
 //! while the event stream can be trusted.
 
 use anyhow::Result;
@@ -105,7 +105,7 @@ impl Counted {
 
     /// Takes in the change of family `f` that generation `d.gen` made, unless it is older than
     /// these facts. False: they cannot be followed any more (gather them again).
-    pub fn follow(&mut self, f: Family, d: &FactsDelta) -> bool {
+    pub fn follow(&mut self, f: Family, d: &TxnDelta) -> bool {
         if d.gen <= self.gen {
             return true;
         }
@@ -130,9 +130,10 @@ impl Counted {
     }
 }
 
-/// What the notifications of one transaction change in the counted facts.
+/// What the notifications of one transaction change in what the daemon follows: the counted
+/// facts, and someone else's changes to the elements of masqd's sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FactsDelta {
+pub struct TxnDelta {
     /// The generation the transaction made (0 until its `NEWGEN` is read).
     pub gen: u32,
     /// Rules added minus rules deleted, per family (`[ipv4, ipv6]`).
@@ -142,9 +143,24 @@ pub struct FactsDelta {
     /// A table was deleted (or flushed away): gather the facts again rather than trust that
     /// every one of its rules was notified.
     pub regather: bool,
+    /// Elements of masqd's sets someone else added or deleted, in notification order.
+    pub elements: Vec<ElemOp>,
 }
 
-impl FactsDelta {
+/// One element of masqd's sets added or deleted by someone else (a notification).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElemOp {
+    /// The set.
+    pub set: String,
+    /// Added (else deleted).
+    pub add: bool,
+    /// The key's bytes.
+    pub key: Vec<u8>,
+    /// It ends an interval (`NFT_SET_ELEM_INTERVAL_END`: one past the interval's last address).
+    pub end: bool,
+}
+
+impl TxnDelta {
     /// Adds what notification `e` changes (whoever made it: masqd's own commits count too).
     /// Whether it changed anything.
     pub fn take(&mut self, e: &Event) -> bool {
@@ -193,7 +209,7 @@ impl FactsDelta {
 
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.rules == [0, 0] && self.hints.is_empty() && !self.regather
+        self.rules == [0, 0] && self.hints.is_empty() && !self.regather && self.elements.is_empty()
     }
 }
 

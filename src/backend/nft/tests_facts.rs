@@ -25,8 +25,8 @@ fn ev(kind: u16, family: u8, table: &str, name: Option<&str>) -> Event {
     }
 }
 
-fn delta(gen: u32, events: &[Event]) -> FactsDelta {
-    let mut d = FactsDelta::default();
+fn delta(gen: u32, events: &[Event]) -> TxnDelta {
+    let mut d = TxnDelta::default();
     for e in events {
         d.take(e);
     }
@@ -109,5 +109,104 @@ fn a_deleted_table_or_an_impossible_count_asks_for_a_new_read() {
     assert!(!at(4, 0).follow(Family::V4, &d), "fewer than no rules");
     assert!(delta(6, &[ev(NEWSETELEM, INET, "masqd", Some("pod4"))]).is_empty());
     let gen = Event::Generation { id: 6, pid: 1 };
-    assert!(!FactsDelta::default().take(&gen));
+    assert!(!TxnDelta::default().take(&gen));
+}
+
+fn op(set: &str, add: bool, key: [u8; 4], end: bool) -> ElemOp {
+    ElemOp {
+        set: set.into(),
+        add,
+        key: key.to_vec(),
+        end,
+    }
+}
+
+fn cache_of(ranges: &[(u128, u128)]) -> super::super::cache::SetCache {
+    use super::super::model::ObservedSet;
+    let set = |r: &[(u128, u128)]| ObservedSet {
+        family: Some(Family::V4),
+        interval: true,
+        ranges: Some(
+            r.iter()
+                .map(|&(start, end)| crate::policy::Range { start, end })
+                .collect(),
+        ),
+    };
+    super::super::cache::SetCache {
+        genid: 1,
+        sets: [
+            ("nomasq4".to_string(), set(ranges)),
+            ("pod4".to_string(), set(&[])),
+        ]
+        .into_iter()
+        .collect(),
+        followed: true,
+    }
+}
+
+const A: u128 = 0x0A00_0000; // 10.0.0.0
+
+#[test]
+fn someone_elses_element_changes_are_followed_as_a_dump_would_read_them() {
+    let mut c = cache_of(&[(A, A + 255), (A + 512, A + 767)]);
+    // delete element inet masqd nomasq4 { 10.0.0.0/24 }; add … { 10.0.1.0/24, 10.0.3.0/24 }
+    assert!(c.follow(&[
+        op("nomasq4", false, [10, 0, 0, 0], false),
+        op("nomasq4", false, [10, 0, 1, 0], true),
+        op("nomasq4", true, [10, 0, 1, 0], false),
+        op("nomasq4", true, [10, 0, 2, 0], true),
+        op("nomasq4", true, [10, 0, 3, 0], false),
+        op("nomasq4", true, [10, 0, 4, 0], true),
+    ]));
+    let got: Vec<(u128, u128)> = c.sets["nomasq4"]
+        .ranges
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| (r.start, r.end))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(A + 256, A + 511), (A + 512, A + 767), (A + 768, A + 1023)],
+        "adjacent intervals stay apart, as the kernel keeps them"
+    );
+    // An interval up to the top of the address space has no end element.
+    assert!(c.follow(&[op("pod4", true, [255, 0, 0, 0], false)]));
+    assert_eq!(
+        c.sets["pod4"].ranges.as_ref().unwrap()[0],
+        crate::policy::Range {
+            start: 0xFF00_0000,
+            end: 0xFFFF_FFFF
+        }
+    );
+}
+
+#[test]
+fn element_changes_the_cache_cannot_place_mean_reading_back() {
+    let c = cache_of(&[(A, A + 255)]);
+    let overlapping = [
+        op("nomasq4", true, [10, 0, 0, 128], false),
+        op("nomasq4", true, [10, 0, 1, 0], true),
+    ];
+    assert!(
+        !c.clone().follow(&overlapping),
+        "the kernel refuses overlaps"
+    );
+    let missing = [
+        op("nomasq4", false, [10, 0, 5, 0], false),
+        op("nomasq4", false, [10, 0, 6, 0], true),
+    ];
+    assert!(!c.clone().follow(&missing), "nothing to delete");
+    assert!(
+        !c.clone()
+            .follow(&[op("nomasq4", true, [10, 0, 6, 0], true)]),
+        "end alone"
+    );
+    assert!(
+        !c.clone().follow(&[op("other", true, [10, 0, 6, 0], false)]),
+        "no such set"
+    );
+    let mut short = op("nomasq4", true, [10, 0, 7, 0], false);
+    short.key.truncate(2);
+    assert!(!c.clone().follow(&[short]), "short key");
 }
