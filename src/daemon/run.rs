@@ -202,24 +202,7 @@ async fn main_loop(
     signals: Signals,
     exporter: crate::metrics::Exporter,
 ) -> Result<()> {
-    let view = View::new(cfg);
-    let reconciler = Reconciler::open()?;
-    let monitor = Monitor::open()?;
-    let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
-    let legacy = LegacyWatch::new(lockfile())?;
-    let mut d = Daemon {
-        sched: Scheduler::new(Instant::now(), view.resync()),
-        paths,
-        notifier: Notifier::from_env(),
-        view,
-        reload_requesters: Vec::new(),
-        exporter,
-        reconciler,
-        monitor,
-        follow: Follow::default(),
-        watcher,
-        legacy,
-    };
+    let mut d = Daemon::new(paths, cfg, exporter)?;
     let wd_period = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(wd_period.unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -279,6 +262,25 @@ async fn main_loop(
 }
 
 impl Daemon {
+    /// Opens the sockets and watches the loop reads, with the configuration read at start.
+    fn new(paths: Paths, cfg: Config, exporter: crate::metrics::Exporter) -> Result<Daemon> {
+        let view = View::new(cfg);
+        let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
+        Ok(Daemon {
+            sched: Scheduler::new(Instant::now(), view.resync()),
+            paths,
+            notifier: Notifier::from_env(),
+            view,
+            reload_requesters: Vec::new(),
+            exporter,
+            reconciler: Reconciler::open()?,
+            monitor: Monitor::open()?,
+            follow: Follow::default(),
+            watcher,
+            legacy: LegacyWatch::new(lockfile())?,
+        })
+    }
+
     /// Sends STATUS= (not repeated when unchanged).
     fn status(&self) {
         let s = self.view.status_line(self.sched.repairs());
