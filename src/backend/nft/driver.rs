@@ -268,8 +268,10 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
         Backend::Nft
     }
 
-    /// Equals `nft -j list ruleset` counted (over netlink), after a GETGEN that tells
-    /// whether the kernel answers nf_tables requests at all.
+    /// Equals `nft -j list ruleset` counted (over netlink; the daemon's driver counts once and
+    /// then follows the counts from notifications), after a GETGEN that tells whether the
+    /// kernel answers nf_tables requests at all, and `nft -a list chain inet masqd postrouting`
+    /// for masqd's own policy.
     fn facts(&mut self, f: Family, facts: &mut Facts) -> Result<()> {
         let sock = self.sock.borrow_mut();
         let gen = match nft::genid(sock) {
@@ -288,7 +290,8 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
     }
 
     /// Equals `nft -j list table inet masqd` plus `nft -j list chain ip nat POSTROUTING` and
-    /// `… ip6 nat POSTROUTING` (the sets from the cache while the generation is unchanged).
+    /// `… ip6 nat POSTROUTING` (the sets from the cache while the generation is unchanged, or
+    /// while the daemon follows them).
     fn observe(&mut self) -> Result<Observation> {
         let o = nft::observe(self.sock.borrow_mut(), self.cache.as_ref())
             .context("reading the nftables ruleset")?;
