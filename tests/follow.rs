@@ -49,8 +49,10 @@ struct Node {
 }
 
 impl Node {
+    /// No resync while a test runs (a slow machine may take a minute): what is counted is
+    /// what the notifications cause.
     fn start(mode: &str, before: impl FnOnce(&Netns)) -> Node {
-        Node::start_with(mode, "", before)
+        Node::start_with(mode, "resync_interval = \"24h\"", before)
     }
 
     /// [`Node::start`] with `daemon` as the `[daemon]` section's keys.
@@ -324,7 +326,11 @@ fn followed_rule_counts_decide_as_a_fresh_reading_would() {
 fn the_resync_reads_no_set_back_and_the_full_verification_does() {
     require_root();
     let resync = Node::start_with("nft", "resync_interval = \"1s\"", |_| {});
-    let full = Node::start_with("nft", "full_verify_interval = \"1s\"", |_| {});
+    let full = Node::start_with(
+        "nft",
+        "full_verify_interval = \"1s\"\nresync_interval = \"24h\"",
+        |_| {},
+    );
     let (r0, f0) = (resync.metrics(), full.metrics());
     std::thread::sleep(Duration::from_millis(3500));
     let (r1, f1) = (resync.metrics(), full.metrics());

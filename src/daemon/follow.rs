@@ -20,6 +20,10 @@ use crate::netlink::Event;
 /// facts again (one dump) rather than take in a long backlog.
 const MAX_READY: usize = 4096;
 
+/// Someone else's element changes in one transaction followed at most; past that (a bulk
+/// load into masqd's sets) the sets are read back instead.
+const MAX_OPS: usize = 16_384;
+
 /// The followed state between the event socket and the reconciles.
 #[derive(Debug, Default)]
 pub(super) struct Follow {
@@ -35,6 +39,8 @@ pub(super) struct Follow {
     /// Rules or chains changed (anyone's, or notifications were lost) since the other NAT
     /// rules were last read for the metrics.
     rules_moved: bool,
+    /// The generation (low 16 bits, `nfgenmsg.res_id`) of the transaction being read.
+    open_res: Option<u16>,
 }
 
 /// What a reconcile starts from.
@@ -72,63 +78,116 @@ fn touches_own_sets(e: &Event, own_pid: u32) -> bool {
 }
 
 impl Follow {
-    /// Takes a drained batch of notifications in.
-    pub fn take_in(&mut self, events: &[Event], own_pid: u32) {
+    /// Takes a drained batch of notifications in. True: it closed a transaction in which
+    /// someone else changed masqd's set elements — a reconcile is owed now (it was held back
+    /// until the transaction's `NEWGEN` was read, so that it starts with the change in hand).
+    pub fn take_in(&mut self, events: &[Event], own_pid: u32) -> bool {
+        let mut repair = false;
         for e in events {
             match e {
-                Event::Overrun => {
-                    // The transaction being read is incomplete; the loop resyncs everything.
-                    self.open = TxnDelta::default();
-                    self.touched = true;
-                    self.overflowed = true;
-                    self.rules_moved = true;
-                }
-                Event::Generation { id, .. } => self.committed(*id),
-                Event::Change { .. } => {
+                Event::Overrun => self.lost(),
+                Event::Generation { id, .. } => repair |= self.committed(*id),
+                Event::Change { res_id, .. } => {
+                    self.belongs(*res_id);
                     self.touched |= touches_own_sets(e, own_pid);
                     self.rules_moved |= self.open.take(e);
                 }
-                Event::Elements {
-                    add,
-                    family,
-                    pid,
-                    table,
-                    set,
-                    elements,
-                } => {
-                    let own_table = i32::from(*family) == rustables::ProtocolFamily::Inet as i32
-                        && table.as_deref() == Some(TABLE);
-                    // masqd's own commits are in the cache it made after them.
-                    if own_table && *pid != own_pid {
-                        let set = set.clone().unwrap_or_default();
-                        self.open
-                            .elements
-                            .extend(elements.iter().map(|(key, end)| ElemOp {
-                                set: set.clone(),
-                                add: *add,
-                                key: key.clone(),
-                                end: *end,
-                            }));
-                    }
+                Event::Elements { res_id, .. } => {
+                    self.belongs(*res_id);
+                    self.elements(e, own_pid);
                 }
             }
         }
+        repair
     }
 
-    /// A transaction's `NEWGEN`: its changes belong to generation `id`.
-    fn committed(&mut self, id: u32) {
-        let mut d = std::mem::take(&mut self.open);
-        if d.is_empty() {
+    /// Whether someone else's element changes wait for their transaction's `NEWGEN` (a
+    /// reconcile started now would plan without them).
+    pub fn elements_pending(&self) -> bool {
+        !self.open.elements.is_empty()
+    }
+
+    /// Notifications were lost (or could not be read): nothing followed can be trusted.
+    pub fn lost(&mut self) {
+        self.open = TxnDelta::default();
+        self.open_res = None;
+        self.touched = true;
+        self.overflowed = true;
+        self.rules_moved = true;
+    }
+
+    /// A change of the generation whose low 16 bits are `res_id`: one of a transaction whose
+    /// `NEWGEN` was never read (lost while muted) cannot be placed.
+    fn belongs(&mut self, res_id: u16) {
+        match self.open_res {
+            Some(r) if r != res_id => self.lost(),
+            _ => {}
+        }
+        self.open_res = Some(res_id);
+    }
+
+    /// Someone else's changes to the elements of masqd's sets, kept for the transaction
+    /// (masqd's own commits are in the cache it made after them). Past [`MAX_OPS`] in one
+    /// transaction the sets are read back instead.
+    fn elements(&mut self, e: &Event, own_pid: u32) {
+        let Event::Elements {
+            add,
+            family,
+            pid,
+            table,
+            set,
+            elements,
+            ..
+        } = e
+        else {
+            return;
+        };
+        let own_table = i32::from(*family) == rustables::ProtocolFamily::Inet as i32
+            && table.as_deref() == Some(TABLE);
+        if !own_table || *pid == own_pid {
             return;
         }
+        if self.open.elements.len() + elements.len() > MAX_OPS {
+            self.touched = true;
+            self.open.elements.clear();
+            return;
+        }
+        let set = set.clone().unwrap_or_default();
+        self.open
+            .elements
+            .extend(elements.iter().map(|(key, end)| ElemOp {
+                set: set.clone(),
+                add: *add,
+                key: key.clone(),
+                end: *end,
+            }));
+    }
+
+    /// A transaction's `NEWGEN`: its changes belong to generation `id`. Whether they include
+    /// someone else's element changes (or a change that ends the trust in the set cache).
+    fn committed(&mut self, id: u32) -> bool {
+        if self.open_res.take().is_some_and(|r| r != id as u16) {
+            self.lost();
+            return true;
+        }
+        let mut d = std::mem::take(&mut self.open);
+        if d.is_empty() {
+            return false;
+        }
         d.gen = id;
+        let repair = !d.elements.is_empty();
         if self.ready.len() >= MAX_READY {
+            // A backlog this long is read again rather than replayed: the counts and the sets.
             self.overflowed = true;
+            self.touched = true;
             self.ready.clear();
         }
         if !self.overflowed {
             self.ready.push(d);
+        } else if repair {
+            self.touched = true;
         }
+        repair
     }
 
     /// Whether the other NAT rules read for the metrics may be out of date (rules changed

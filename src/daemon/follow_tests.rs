@@ -1,4 +1,6 @@
-//! The followed state against recorded notification streams.
+//! The followed state against recorded notification streams. Each change carries the low 16
+//! bits of its generation (`nfgenmsg.res_id`), as the kernel sends it, and each transaction
+//! ends with its `NEWGEN`.
 
 use super::*;
 
@@ -11,13 +13,28 @@ const DELSET: u16 = 11;
 const OWN: u32 = 7;
 const OTHER: u32 = 99;
 
-fn ev(kind: u16, family: u8, table: &str, name: &str, pid: u32) -> Event {
+/// A change of generation `gen`.
+fn ev(gen: u32, kind: u16, family: u8, table: &str, name: &str, pid: u32) -> Event {
     Event::Change {
         kind,
         family,
         pid,
+        res_id: gen as u16,
         table: Some(table.into()),
         name: Some(name.into()),
+    }
+}
+
+/// Element changes of generation `gen` to masqd's set `set`.
+fn elems(gen: u32, add: bool, set: &str, pid: u32, keys: &[([u8; 4], bool)]) -> Event {
+    Event::Elements {
+        add,
+        family: INET,
+        pid,
+        res_id: gen as u16,
+        table: Some("masqd".into()),
+        set: Some(set.into()),
+        elements: keys.iter().map(|(k, end)| (k.to_vec(), *end)).collect(),
     }
 }
 
@@ -28,16 +45,16 @@ fn gen(id: u32) -> Event {
 #[test]
 fn transactions_get_their_generation_even_across_batches() {
     let mut f = Follow::default();
-    f.take_in(&[ev(NEWRULE, IPV4, "nat", "KUBE-A", OTHER)], OWN);
+    f.take_in(&[ev(21, NEWRULE, IPV4, "nat", "KUBE-A", OTHER)], OWN);
     f.take_in(
         &[
-            ev(NEWRULE, IPV4, "nat", "KUBE-B", OTHER),
+            ev(21, NEWRULE, IPV4, "nat", "KUBE-B", OTHER),
             gen(21),
-            ev(DELRULE, IPV4, "nat", "KUBE-A", OTHER),
+            ev(22, DELRULE, IPV4, "nat", "KUBE-A", OTHER),
             gen(22),
-            elems(true, "nomasq4", OWN, &[([10, 9, 0, 0], false)]),
+            elems(23, true, "nomasq4", OWN, &[([10, 9, 0, 0], false)]),
             gen(23),
-            ev(NEWRULE, IPV4, "nat", "KUBE-C", OTHER),
+            ev(24, NEWRULE, IPV4, "nat", "KUBE-C", OTHER),
         ],
         OWN,
     );
@@ -59,40 +76,34 @@ fn transactions_get_their_generation_even_across_batches() {
     );
 }
 
-fn elems(add: bool, set: &str, pid: u32, keys: &[([u8; 4], bool)]) -> Event {
-    Event::Elements {
-        add,
-        family: INET,
-        pid,
-        table: Some("masqd".into()),
-        set: Some(set.into()),
-        elements: keys.iter().map(|(k, end)| (k.to_vec(), *end)).collect(),
-    }
-}
-
 #[test]
 fn someone_elses_elements_are_followed_and_their_table_or_sets_end_the_trust() {
     let mut f = Follow::default();
-    // One interval deleted from nomasq4 by someone else: start and end, one per message.
-    f.take_in(
+    // One interval deleted from nomasq4 by someone else: start and end, one per message. The
+    // reconcile it asks for waits for the transaction's NEWGEN.
+    let first = f.take_in(
+        &[elems(5, false, "nomasq4", OTHER, &[([10, 0, 0, 0], false)])],
+        OWN,
+    );
+    assert!(!first && f.elements_pending(), "held until the NEWGEN");
+    let closed = f.take_in(
         &[
-            elems(false, "nomasq4", OTHER, &[([10, 0, 0, 0], false)]),
-            elems(false, "nomasq4", OTHER, &[([10, 0, 1, 0], true)]),
+            elems(5, false, "nomasq4", OTHER, &[([10, 0, 1, 0], true)]),
             gen(5),
             // masqd's own commit: already in the cache it made.
-            elems(true, "nomasq4", OWN, &[([10, 0, 0, 0], false)]),
+            elems(6, true, "nomasq4", OWN, &[([10, 0, 0, 0], false)]),
             gen(6),
         ],
         OWN,
     );
+    assert!(closed && !f.elements_pending(), "now the repair is owed");
     let s = f.starting();
     assert!(
         s.trust_sets,
         "elements are followed, not a reason to read back"
     );
     let d = s.deltas.unwrap();
-    assert_eq!(d.len(), 1);
-    assert_eq!(d[0].gen, 5);
+    assert_eq!((d.len(), d[0].gen), (1, 5));
     assert_eq!(
         d[0].elements
             .iter()
@@ -104,13 +115,13 @@ fn someone_elses_elements_are_followed_and_their_table_or_sets_end_the_trust() {
         ]
     );
     // A set deleted and created again by someone else: not followed.
-    f.take_in(&[ev(DELSET, INET, "masqd", "pod4", OTHER), gen(7)], OWN);
+    f.take_in(&[ev(7, DELSET, INET, "masqd", "pod4", OTHER), gen(7)], OWN);
     assert!(!f.ended(), "during a reconcile: its cache is not kept");
     assert!(!f.starting().trust_sets);
     assert!(f.ended());
     // masqd's rules by someone else do not concern the sets.
     f.take_in(
-        &[ev(DELRULE, INET, "masqd", "postrouting", OTHER), gen(8)],
+        &[ev(8, DELRULE, INET, "masqd", "postrouting", OTHER), gen(8)],
         OWN,
     );
     assert!(f.starting().trust_sets);
@@ -119,14 +130,67 @@ fn someone_elses_elements_are_followed_and_their_table_or_sets_end_the_trust() {
 #[test]
 fn lost_notifications_or_a_long_backlog_mean_reading_again() {
     let mut f = Follow::default();
-    f.take_in(&[ev(NEWRULE, IPV4, "nat", "K", OTHER), Event::Overrun], OWN);
+    f.take_in(
+        &[ev(3, NEWRULE, IPV4, "nat", "K", OTHER), Event::Overrun],
+        OWN,
+    );
     let s = f.starting();
     assert_eq!((s.trust_sets, s.deltas), (false, None));
     for g in 0..(MAX_READY as u32 + 1) {
-        f.take_in(&[ev(NEWRULE, IPV4, "nat", "K", OTHER), gen(10 + g)], OWN);
+        f.take_in(
+            &[ev(10 + g, NEWRULE, IPV4, "nat", "K", OTHER), gen(10 + g)],
+            OWN,
+        );
     }
-    assert_eq!(f.starting().deltas, None);
+    let s = f.starting();
+    assert_eq!(
+        (s.trust_sets, s.deltas),
+        (false, None),
+        "the backlog overflowed"
+    );
     assert_eq!(f.starting().deltas, Some(Vec::new()));
+}
+
+#[test]
+fn a_transaction_whose_newgen_was_lost_is_not_placed_in_the_next_one() {
+    let mut f = Follow::default();
+    // The head of transaction 40 was read, its tail and NEWGEN lost (muted around a commit
+    // of masqd's), then transaction 41 arrives whole.
+    f.take_in(
+        &[elems(
+            40,
+            false,
+            "nomasq4",
+            OTHER,
+            &[([10, 0, 0, 0], false)],
+        )],
+        OWN,
+    );
+    f.take_in(&[ev(41, NEWRULE, IPV4, "nat", "K", OTHER), gen(41)], OWN);
+    let s = f.starting();
+    assert_eq!(
+        (s.trust_sets, s.deltas),
+        (false, None),
+        "read everything again"
+    );
+    // A NEWGEN that is not the one of the changes read before it.
+    f.take_in(&[ev(50, NEWRULE, IPV4, "nat", "K", OTHER), gen(51)], OWN);
+    assert_eq!(f.starting().deltas, None);
+    // A failed read of the socket is the same.
+    f.lost();
+    assert!(!f.starting().trust_sets);
+}
+
+#[test]
+fn a_bulk_load_into_masqds_set_is_read_back_not_replayed() {
+    let mut f = Follow::default();
+    let many: Vec<([u8; 4], bool)> = (0..MAX_OPS as u32 + 2)
+        .map(|i| ((0x0B00_0000 + i * 2).to_be_bytes(), i % 2 == 1))
+        .collect();
+    f.take_in(&[elems(9, true, "nomasq4", OTHER, &many), gen(9)], OWN);
+    let s = f.starting();
+    assert!(!s.trust_sets);
+    assert_eq!(s.deltas, Some(Vec::new()), "nothing kept of it");
 }
 
 #[test]
@@ -135,14 +199,17 @@ fn the_other_nat_rules_are_read_again_only_after_rules_moved() {
     assert!(!f.overridden_stale(), "read at start-up");
     f.take_in(
         &[
-            elems(true, "nomasq4", OTHER, &[([10, 9, 0, 0], false)]),
+            elems(2, true, "nomasq4", OTHER, &[([10, 9, 0, 0], false)]),
             gen(2),
         ],
         OWN,
     );
     assert!(!f.overridden_stale(), "elements are not rules");
     f.take_in(
-        &[ev(NEWRULE, IPV4, "nat", "KUBE-POSTROUTING", OTHER), gen(3)],
+        &[
+            ev(3, NEWRULE, IPV4, "nat", "KUBE-POSTROUTING", OTHER),
+            gen(3),
+        ],
         OWN,
     );
     assert!(f.overridden_stale());

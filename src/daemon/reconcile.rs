@@ -94,7 +94,13 @@ impl Reconciler {
         if inp.full {
             drv.forget();
         }
-        drv.trust_sets(inp.follow.trust_sets);
+        // Not trusted: someone else changed masqd's table or sets in a way the notifications
+        // do not say (a generation match would prove nothing here): read them back.
+        if inp.follow.trust_sets {
+            drv.trust_sets(true);
+        } else {
+            drv.forget_sets();
+        }
         match &inp.follow.deltas {
             Some(d) => drv.follow(d),
             None => drv.forget_counted(),

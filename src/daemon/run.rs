@@ -444,11 +444,22 @@ impl Daemon {
     /// nftables notifications (or a failed read of them).
     fn netlink(&mut self, ev: Result<Vec<Event>, NlError>) {
         let own_pid = self.reconciler.own_pid();
-        if let Ok(evs) = &ev {
-            self.follow.take_in(evs, own_pid);
+        let closed = match &ev {
+            Ok(evs) => self.follow.take_in(evs, own_pid),
+            Err(_) => {
+                self.follow.lost();
+                false
+            }
+        };
+        match self.monitor.take_in(ev, own_pid) {
+            // Someone else's element changes are still being read: the reconcile waits for
+            // their `NEWGEN` (the `closed` below), so that it starts with them in hand.
+            Some(Trigger::NetlinkEvent) if self.follow.elements_pending() => {}
+            Some(t) => self.sched.trigger(t),
+            None => {}
         }
-        if let Some(t) = self.monitor.take_in(ev, own_pid) {
-            self.sched.trigger(t);
+        if closed {
+            self.sched.trigger(Trigger::NetlinkEvent);
         }
     }
 

@@ -114,6 +114,7 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
             pid,
             table,
             name,
+            ..
         } => (kind, family, pid, table, name),
         // Elements of masqd's sets changed by someone else: a repair.
         Event::Elements {
@@ -210,6 +211,7 @@ mod tests {
             kind,
             family,
             pid,
+            res_id: 0,
             table: Some(table.into()),
             name: name.map(str::to_string),
         }
@@ -288,6 +290,7 @@ mod tests {
             add: false,
             family,
             pid,
+            res_id: 0,
             table: Some(table.into()),
             set: Some("nomasq4".into()),
             elements: vec![(vec![10, 0, 0, 0], false)],

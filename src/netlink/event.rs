@@ -11,6 +11,8 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
         return None;
     }
     let kind = m.kind & 0xff;
+    // nfgenmsg.res_id: the low 16 bits of the generation the change belongs to.
+    let res_id = u16::from_be_bytes([m.body[2], m.body[3]]);
     let at = Attrs(&m.body[NFGENMSG_LEN..]);
     if u32::from(kind) == sys::NFT_MSG_NEWGEN {
         // The last message of every committed transaction: NFTA_GEN_ID is the new generation.
@@ -25,6 +27,7 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
             add: k == sys::NFT_MSG_NEWSETELEM,
             family: m.body[0],
             pid: m.pid,
+            res_id,
             table,
             set: at
                 .get(sys::NFTA_SET_ELEM_LIST_SET)
@@ -41,6 +44,7 @@ pub(crate) fn event_of(m: &RawMsg) -> Option<Event> {
         kind,
         family: m.body[0],
         pid: m.pid,
+        res_id,
         table,
         name,
     })
@@ -94,6 +98,9 @@ pub enum Event {
         family: u8,
         /// Port id of the socket that made the change.
         pid: u32,
+        /// `nfgenmsg.res_id`: the low 16 bits of the generation the change belongs to (the
+        /// id of the `NEWGEN` that ends its transaction).
+        res_id: u16,
         /// The table concerned.
         table: Option<String>,
         /// The chain of a rule, the name of a chain or of a set (None for tables).
@@ -107,6 +114,8 @@ pub enum Event {
         family: u8,
         /// Port id of the socket that made the change.
         pid: u32,
+        /// As [`Event::Change`]'s.
+        res_id: u16,
         /// The table concerned.
         table: Option<String>,
         /// The set.

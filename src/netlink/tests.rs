@@ -186,6 +186,7 @@ fn notifications_name_their_table_and_sender() {
             kind: sys::NFT_MSG_NEWRULE as u16,
             family: 1,
             pid: 77,
+            res_id: 0,
             table: Some("nat".into()),
             name: None,
         })

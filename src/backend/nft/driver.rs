@@ -27,21 +27,6 @@ pub struct NftDriver<S: BorrowMut<Socket> = Socket> {
     counted: [Option<Counted>; 2],
 }
 
-/// What masqd's own commit (generation `gen`) changes in the counted facts: a removed broad
-/// rule is one rule less in its family (masqd's own table is not counted).
-fn own_delta(changes: &[Change], gen: u32) -> TxnDelta {
-    let mut d = TxnDelta {
-        gen,
-        ..TxnDelta::default()
-    };
-    for c in changes {
-        if let Change::RemoveDefaultRule(r) = c {
-            d.rules[r.table_family.index()] -= 1;
-        }
-    }
-    d
-}
-
 /// Whether an errno says the kernel answers no nf_tables requests.
 fn unsupported(errno: Option<i32>) -> bool {
     matches!(errno, Some(libc::EOPNOTSUPP | libc::EPROTONOSUPPORT))
@@ -237,13 +222,14 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
         let own = o.genid.wrapping_add(1);
         let now = nft::genid(self.sock.borrow_mut()).ok();
         let others = now != Some(own);
-        if muted.is_some() {
-            // masqd's own notifications were not read either: what its commit did to the
-            // counts is taken in here (another writer's commit meanwhile: count again).
-            match others {
-                false => self.follow(&[own_delta(changes, own)]),
-                true => self.counted = [None, None],
-            }
+        // masqd's own notifications were not read either: its commit changes the counts only
+        // when it removed a broad rule (its own table is not counted); that, or another
+        // writer's commit meanwhile, means counting again.
+        let removed = changes
+            .iter()
+            .any(|c| matches!(c, Change::RemoveDefaultRule(_)));
+        if muted.is_some() && (others || removed) {
+            self.counted = [None, None];
         }
         // Someone else committed too: without notifications to say what, the cache cannot be
         // trusted (a follower keeps it unless the notifications were muted meanwhile).

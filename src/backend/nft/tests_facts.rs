@@ -20,6 +20,7 @@ fn ev(kind: u16, family: u8, table: &str, name: Option<&str>) -> Event {
         kind,
         family,
         pid: 4242,
+        res_id: 0,
         table: Some(table.into()),
         name: name.map(str::to_string),
     }
