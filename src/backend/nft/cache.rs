@@ -51,10 +51,15 @@ impl SetCache {
         let Some(intervals) = self.pair(ops) else {
             return false;
         };
-        intervals.into_iter().all(|(set, add, r)| {
+        let mut by_set: std::collections::BTreeMap<String, (Vec<Range>, Vec<Range>)> =
+            std::collections::BTreeMap::new();
+        for (set, add, r) in intervals {
+            let (adds, dels) = by_set.entry(set).or_default();
+            if add { adds } else { dels }.push(r);
+        }
+        by_set.into_iter().all(|(set, (adds, dels))| {
             match self.sets.get_mut(&set).and_then(|s| s.ranges.as_mut()) {
-                Some(ranges) if add => insert(ranges, r),
-                Some(ranges) => remove(ranges, r),
+                Some(ranges) => merge(ranges, adds, dels),
                 None => false,
             }
         })
@@ -112,25 +117,41 @@ impl SetCache {
     }
 }
 
-/// Inserts `r` into sorted, disjoint `ranges` (false when it overlaps one: the kernel would
-/// have refused it, so the cache is wrong).
-fn insert(ranges: &mut Vec<Range>, r: Range) -> bool {
-    let at = ranges.partition_point(|x| x.start < r.start);
-    let clear_before = at == 0 || ranges[at - 1].end < r.start;
-    let clear_after = ranges.get(at).is_none_or(|x| x.start > r.end);
-    if clear_before && clear_after {
-        ranges.insert(at, r);
+/// Applies one transaction's added and deleted intervals to sorted, disjoint `ranges` in one
+/// pass (O(n + k log k), whatever the set's size). False — the cache is wrong, or the order
+/// within the transaction would matter — when a deleted interval is not one of them, an added
+/// one overlaps another (the kernel would have refused it), or one interval is both.
+fn merge(ranges: &mut Vec<Range>, mut adds: Vec<Range>, mut dels: Vec<Range>) -> bool {
+    adds.sort_unstable();
+    dels.sort_unstable();
+    if adds.iter().any(|r| dels.binary_search(r).is_ok()) {
+        return false;
     }
-    clear_before && clear_after
-}
-
-/// Removes exactly `r` from sorted `ranges` (false when it is not one of them).
-fn remove(ranges: &mut Vec<Range>, r: Range) -> bool {
-    match ranges.binary_search_by_key(&r.start, |x| x.start) {
-        Ok(i) if ranges[i] == r => {
-            ranges.remove(i);
-            true
+    let mut out: Vec<Range> = Vec::with_capacity(ranges.len() + adds.len());
+    let push = |out: &mut Vec<Range>, r: Range| {
+        let clear = out.last().is_none_or(|last| last.end < r.start);
+        out.push(r);
+        clear
+    };
+    let (mut di, mut ai) = (0, 0);
+    for r in ranges.iter() {
+        if dels.get(di) == Some(r) {
+            di += 1;
+            continue;
         }
-        _ => false,
+        while let Some(a) = adds.get(ai).filter(|a| a.start < r.start) {
+            if !push(&mut out, *a) {
+                return false;
+            }
+            ai += 1;
+        }
+        if !push(&mut out, *r) {
+            return false;
+        }
     }
+    if di != dels.len() || !adds[ai..].iter().all(|a| push(&mut out, *a)) {
+        return false;
+    }
+    *ranges = out;
+    true
 }

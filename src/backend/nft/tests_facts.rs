@@ -211,3 +211,35 @@ fn element_changes_the_cache_cannot_place_mean_reading_back() {
     short.key.truncate(2);
     assert!(!c.clone().follow(&[short]), "short key");
 }
+
+#[test]
+fn one_transaction_is_applied_in_one_pass_and_order_that_would_matter_is_not_guessed() {
+    let mut c = cache_of(&[(A, A + 255), (A + 1024, A + 1279)]);
+    // Added before, between and after the existing intervals, one deleted: one pass.
+    assert!(c.follow(&[
+        op("nomasq4", true, [9, 0, 0, 0], false),
+        op("nomasq4", true, [9, 0, 1, 0], true),
+        op("nomasq4", true, [10, 0, 2, 0], false),
+        op("nomasq4", true, [10, 0, 3, 0], true),
+        op("nomasq4", false, [10, 0, 4, 0], false),
+        op("nomasq4", false, [10, 0, 5, 0], true),
+        op("nomasq4", true, [10, 0, 9, 0], false),
+        op("nomasq4", true, [10, 0, 10, 0], true),
+    ]));
+    let starts: Vec<u128> = c.sets["nomasq4"]
+        .ranges
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| r.start)
+        .collect();
+    assert_eq!(starts, vec![0x0900_0000, A, A + 512, A + 2304]);
+    // Deleted and added again in one transaction (someone else's refill): not guessed.
+    let same = [
+        op("nomasq4", false, [10, 0, 2, 0], false),
+        op("nomasq4", false, [10, 0, 3, 0], true),
+        op("nomasq4", true, [10, 0, 2, 0], false),
+        op("nomasq4", true, [10, 0, 3, 0], true),
+    ];
+    assert!(!c.follow(&same));
+}
