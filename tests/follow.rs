@@ -211,12 +211,13 @@ fn a_change_where_masqd_looks_costs_no_dump_of_its_sets_or_every_rule() {
             "nft add rule ip nat POSTROUTING ip saddr 192.168.{i}.0/24 masquerade"
         ));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let after = node.metrics();
-    assert!(
-        reconciles(&after) > reconciles(&before),
-        "a rule in POSTROUTING is looked at"
+    node.wait(
+        "a rule in POSTROUTING is looked at",
+        Duration::from_secs(10),
+        |_| reconciles(&node.metrics()) > reconciles(&before),
     );
+    std::thread::sleep(Duration::from_millis(300));
+    let after = node.metrics();
     assert_eq!(
         dumps(&after, "set_element"),
         dumps(&before, "set_element"),
