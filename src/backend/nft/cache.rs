@@ -1,6 +1,6 @@
 //! The set cache: the sets masqd last committed, valid while the ruleset generation is unchanged.
 
-use super::model::ObservedSet;
+use super::model::{nomasq_set, pod_set, ObservedSet};
 
 /// The sets of masqd's table as masqd itself last committed them, with the ruleset generation
 /// right after that commit. While the generation is unchanged nothing in the ruleset changed,
@@ -15,23 +15,22 @@ pub struct SetCache {
 }
 
 impl SetCache {
-    /// The cache describing the sets a plan leaves behind at generation `genid`.
+    /// The cache describing the sets a plan leaves behind at generation `genid`. The ranges
+    /// are the policy's own (shared, not copied: 32 MB at 1,000,000 exceptions).
     pub fn after(policy: &crate::policy::Policy, genid: u32) -> SetCache {
-        SetCache {
-            genid,
-            sets: super::plan::desired_sets(policy)
-                .into_iter()
-                .map(|(name, (f, ranges))| {
-                    (
-                        name,
-                        ObservedSet {
-                            family: Some(f),
-                            interval: true,
-                            ranges: Some(ranges),
-                        },
-                    )
-                })
-                .collect(),
+        let mut sets = std::collections::BTreeMap::new();
+        for f in crate::policy::Family::ALL {
+            let Some(fp) = policy.family(f) else { continue };
+            for (name, ranges) in [(pod_set(f), &fp.pod), (nomasq_set(f), &fp.nomasq)] {
+                let set = ObservedSet {
+                    family: Some(f),
+                    interval: true,
+                    ranges: Some(ranges.clone()),
+                    unread: false,
+                };
+                sets.insert(name, set);
+            }
         }
+        SetCache { genid, sets }
     }
 }
