@@ -467,6 +467,9 @@ fn apply_once(
     detection: Detection,
     mute: Option<Mute<'_>>,
 ) -> Result<Plan> {
+    for slot in &mut set.slots {
+        slot.driver.will_apply(&slot.policy);
+    }
     let steps = observe_and_plan(set)?;
     if steps.iter().all(|(_, c)| c.is_empty()) {
         for (slot, (o, _)) in set.slots.iter_mut().zip(&steps) {

@@ -237,11 +237,12 @@ pub struct FamilyPolicy {
     /// This node's pod CIDRs, aggregated.
     pub pod_cidrs: Vec<IpNet>,
     /// The exception CIDRs (cluster ∪ non-masquerade), aggregated.
-    pub exception_cidrs: Vec<IpNet>,
+    pub exception_cidrs: std::sync::Arc<[IpNet]>,
     /// Pod CIDRs as merged ranges: the contents of set `pod4`/`pod6`.
-    pub pod: Vec<Range>,
-    /// Exceptions as merged ranges: the contents of set `nomasq4`/`nomasq6`.
-    pub nomasq: Vec<Range>,
+    pub pod: std::sync::Arc<[Range]>,
+    /// Exceptions as merged ranges: the contents of set `nomasq4`/`nomasq6`. Shared (not
+    /// copied) by the policy's clones and the nft driver's set cache: 32 bytes a range.
+    pub nomasq: std::sync::Arc<[Range]>,
 }
 
 /// The whole policy of a node. A family is present when the node has pod CIDRs in it.
@@ -307,11 +308,11 @@ impl Policy {
             let pod_cidrs = aggregate(&pods);
             let exception_cidrs = aggregate(&exceptions);
             Some(FamilyPolicy {
-                pod: normalize(pod_cidrs.iter().map(Range::of_net).collect()),
-                nomasq: normalize(exception_cidrs.iter().map(Range::of_net).collect()),
+                pod: normalize(pod_cidrs.iter().map(Range::of_net).collect()).into(),
+                nomasq: normalize(exception_cidrs.iter().map(Range::of_net).collect()).into(),
                 configured_pod_cidrs: pods,
                 pod_cidrs,
-                exception_cidrs,
+                exception_cidrs: exception_cidrs.into(),
             })
         };
         let v4 = fam(Family::V4);
@@ -485,7 +486,7 @@ nonmasquerade_cidrs = ["10.0.0.128/25", "172.7.3.0/24", "fd00::/8"]
         let p = Policy::from_config(&cfg);
         let v4 = p.v4.unwrap();
         assert_eq!(
-            v4.exception_cidrs,
+            v4.exception_cidrs.to_vec(),
             vec![
                 "10.0.0.0/24".parse::<IpNet>().unwrap(),
                 "172.7.0.0/16".parse().unwrap()

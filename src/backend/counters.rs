@@ -48,7 +48,8 @@ pub fn nft(o: &Observed, f: Family) -> Option<Counters> {
     let mut c = Counters::default();
     for name in super::set_names(f) {
         if let Some(s) = t.sets.get(&name) {
-            c.sets.insert(name, s.ranges.as_ref().map_or(0, Vec::len));
+            c.sets
+                .insert(name, s.ranges.as_ref().map_or(0, |r| r.len()));
         }
     }
     let Some(ch) = &t.chain else { return Some(c) };

@@ -91,7 +91,7 @@ fn dump_state(s: &FakeState) -> String {
             let elems: Vec<String> = set
                 .ranges
                 .iter()
-                .flatten()
+                .flat_map(|r| r.iter())
                 .map(|r| r.display(fam))
                 .collect();
             let _ = writeln!(out, "  set {name} {{ {} }}", elems.join(", "));
@@ -142,13 +142,16 @@ fn elements(
         .sets
         .get_mut(set)
         .ok_or_else(|| anyhow!("{c}: ENOENT"))?;
-    let have = st.ranges.get_or_insert_with(Vec::new);
-    if matches!(c, Change::AddElements { .. }) {
+    let mut have = st.ranges.as_deref().unwrap_or_default().to_vec();
+    if matches!(c, Change::FlushSet(_)) {
+        have.clear();
+    } else if matches!(c, Change::AddElements { .. }) {
         have.extend(ranges.iter().cloned());
-        *have = crate::policy::normalize(std::mem::take(have));
+        have = crate::policy::normalize(have);
     } else {
         have.retain(|r| !ranges.contains(r));
     }
+    st.ranges = Some(have.into());
     Ok(())
 }
 
@@ -197,9 +200,11 @@ fn apply_change(s: &mut FakeState, c: &Change) -> Result<()> {
                 .or_insert(ObservedSet {
                     family: Some(*family),
                     interval: true,
-                    ranges: Some(Vec::new()),
+                    ranges: Some(Vec::new().into()),
+                    unread: false,
                 });
         }
+        Change::FlushSet(set) => elements(s, c, set, &[])?,
         Change::DeleteElements { set, ranges, .. } | Change::AddElements { set, ranges, .. } => {
             elements(s, c, set, ranges)?
         }

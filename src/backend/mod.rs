@@ -173,6 +173,11 @@ pub trait Driver {
     /// Reads what [`Driver::plan`] needs.
     fn observe(&mut self) -> Result<Observation>;
 
+    /// Told before the next [`Driver::observe`] that its plan will be applied for `policy`:
+    /// the driver may leave out of that one observation what it would rather rewrite than
+    /// read (the nft driver: large sets, replaced whole). `plan` and `status` never call it.
+    fn will_apply(&mut self, _policy: &Policy) {}
+
     /// The changes that make `observed` match `policy` (this driver's part of it). Pure.
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes;
 
@@ -245,6 +250,9 @@ impl<D: Driver + ?Sized> Driver for &mut D {
     }
     fn observe(&mut self) -> Result<Observation> {
         (**self).observe()
+    }
+    fn will_apply(&mut self, policy: &Policy) {
+        (**self).will_apply(policy)
     }
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
         (**self).plan(policy, observed)

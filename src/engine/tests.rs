@@ -123,7 +123,7 @@ fn drift_is_repaired() {
     apply_fake(&fake, dir.path()).expect("first");
     fake.with(|s| {
         let t = s.table.as_mut().expect("table");
-        t.sets.get_mut("nomasq4").expect("set").ranges = Some(Vec::new());
+        t.sets.get_mut("nomasq4").expect("set").ranges = Some(Vec::new().into());
     });
     let p = apply_fake(&fake, dir.path()).expect("repair");
     assert_eq!(p.len(), 1, "{:?}", p.nft_changes());

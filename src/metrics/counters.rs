@@ -93,7 +93,9 @@ pub fn repair_causes(p: &Plan) -> BTreeSet<&'static str> {
     for c in p.nft_changes() {
         out.insert(match c {
             Change::AddTable => "table_gone",
-            Change::AddElements { .. } | Change::DeleteElements { .. } => "elements_changed",
+            Change::AddElements { .. } | Change::DeleteElements { .. } | Change::FlushSet(_) => {
+                "elements_changed"
+            }
             Change::RemoveDefaultRule(_) => "broad_rule_readded",
             _ => "rule_changed",
         });

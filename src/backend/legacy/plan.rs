@@ -22,7 +22,7 @@ pub fn desired_chain(fp: &FamilyPolicy, bridges: &[String], random_fully: bool) 
         .map(|b| format!("-o {b} -j RETURN"))
         .collect();
     for pod in &fp.pod_cidrs {
-        for e in &fp.exception_cidrs {
+        for e in fp.exception_cidrs.iter() {
             v.push(format!("-s {} -d {} -j RETURN", net_arg(pod), net_arg(e)));
         }
     }
@@ -239,9 +239,9 @@ mod tests {
         FamilyPolicy {
             configured_pod_cidrs: vec![net("172.7.21.0/24")],
             pod_cidrs: vec![net("172.7.21.0/24")],
-            exception_cidrs: vec![net("172.7.0.0/16"), net("10.0.0.1/32")],
-            pod: vec![],
-            nomasq: vec![],
+            exception_cidrs: vec![net("172.7.0.0/16"), net("10.0.0.1/32")].into(),
+            pod: Vec::new().into(),
+            nomasq: Vec::new().into(),
         }
     }
 

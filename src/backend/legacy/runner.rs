@@ -250,9 +250,9 @@ mod tests {
         let fp = FamilyPolicy {
             configured_pod_cidrs: vec!["172.7.21.0/24".parse().unwrap()],
             pod_cidrs: vec!["172.7.21.0/24".parse().unwrap()],
-            exception_cidrs: vec!["172.7.0.0/16".parse().unwrap()],
-            pod: vec![],
-            nomasq: vec![],
+            exception_cidrs: vec!["172.7.0.0/16".parse().unwrap()].into(),
+            pod: Vec::new().into(),
+            nomasq: Vec::new().into(),
         };
         let bridges = ["docker0".to_string()];
         let lp = plan(Some((&fp, &bridges, false)), &o, &fp.pod_cidrs, true);

@@ -15,9 +15,10 @@ fn fp() -> FamilyPolicy {
         exception_cidrs: vec![
             "172.7.0.0/16".parse().unwrap(),
             "10.0.0.1/32".parse().unwrap(),
-        ],
-        pod: vec![],
-        nomasq: vec![],
+        ]
+        .into(),
+        pod: Vec::new().into(),
+        nomasq: Vec::new().into(),
     }
 }
 

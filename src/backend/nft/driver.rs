@@ -25,6 +25,8 @@ pub struct NftDriver<S: BorrowMut<Socket> = Socket> {
     following: bool,
     /// The counted detection facts per family (`[ipv4, ipv6]`), while followed.
     counted: [Option<Counted>; 2],
+    /// The sets the next observation leaves unread (an apply replaces them whole).
+    refill: std::collections::BTreeSet<String>,
 }
 
 /// Whether an errno says the kernel answers no nf_tables requests.
@@ -56,6 +58,7 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
             available: true,
             following: false,
             counted: [None, None],
+            refill: Default::default(),
         }
     }
 
@@ -196,6 +199,8 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
                 Change::AddElements { ranges, .. } | Change::DeleteElements { ranges, .. } => {
                     ranges.len()
                 }
+                // One notification per element flushed: as many as the set held.
+                Change::FlushSet(_) => QUIET_ELEMENTS + 1,
                 _ => 0,
             })
             .sum();
@@ -278,10 +283,20 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
     /// Equals `nft -j list table inet masqd` plus `nft -j list chain ip nat POSTROUTING` and
     /// `… ip6 nat POSTROUTING` (the sets from the cache while the generation is unchanged, or
     /// while the daemon follows them).
+    ///
+    /// After [`Driver::will_apply`], the sets it chose are not read back (their shape is).
     fn observe(&mut self) -> Result<Observation> {
-        let o = nft::observe(self.sock.borrow_mut(), self.cache.as_ref())
-            .context("reading the nftables ruleset")?;
+        let refill = std::mem::take(&mut self.refill);
+        let o =
+            nft::observe::observe_refilling(self.sock.borrow_mut(), self.cache.as_ref(), &refill)
+                .context("reading the nftables ruleset")?;
         Ok(Observation::Nft(o))
+    }
+
+    /// The sets of `policy` large enough ([`nft::plan::refill_at`]) are replaced by the apply
+    /// rather than read back first, unless the set cache holds them.
+    fn will_apply(&mut self, policy: &Policy) {
+        self.refill = nft::plan::refill_sets(policy, nft::plan::refill_at());
     }
 
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {

@@ -64,3 +64,5 @@ mod tests;
 mod tests_golden;
 #[cfg(test)]
 mod tests_plan;
+#[cfg(test)]
+mod tests_refill;

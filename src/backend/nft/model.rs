@@ -109,8 +109,11 @@ pub struct ObservedSet {
     /// Whether the set has `flags interval` (and no other flags masqd does not set).
     pub interval: bool,
     /// Covered ranges, in element order, or None when the elements could not be read back
-    /// as intervals (the set is then rebuilt).
-    pub ranges: Option<Vec<Range>>,
+    /// as intervals (the set is then rebuilt) or were not read (`unread`).
+    pub ranges: Option<std::sync::Arc<[Range]>>,
+    /// The elements were not read on purpose: the set is so large that rewriting it costs less
+    /// than reading it back ([`super::plan::refill`]); the plan replaces its contents.
+    pub unread: bool,
 }
 
 /// A rule as observed in a chain.
@@ -221,6 +224,9 @@ pub enum Change {
         /// Key family.
         family: Family,
     },
+    /// `flush set inet masqd <set>`: every element goes; in the same transaction as the
+    /// `add element` that refills it, so the datapath never sees the set empty.
+    FlushSet(String),
     /// `delete element inet masqd <set> { … }`
     DeleteElements {
         /// Set name.
@@ -288,6 +294,7 @@ impl fmt::Display for Change {
                 Ok(())
             }
             Change::DeleteSet(s) => write!(f, "delete set inet {TABLE} {s}"),
+            Change::FlushSet(s) => write!(f, "flush set inet {TABLE} {s}"),
             Change::AddSet { name, family } => write!(
                 f,
                 "add set inet {TABLE} {name} {{ type {family}_addr; flags interval; }}"

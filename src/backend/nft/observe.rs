@@ -1,7 +1,7 @@
 //! Observe: reading masqd's table, its sets and base chain, the ruleset generation and the
 //! broad default rules of `ip nat` / `ip6 nat` POSTROUTING, over netlink.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use rustables::sys;
@@ -52,6 +52,18 @@ pub(crate) fn table_exists(sock: &mut Socket) -> Result<bool, NlError> {
 /// current generation (or one the daemon keeps true by following notifications), the sets are
 /// taken from it instead of dumped.
 pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> {
+    observe_refilling(sock, cache, &BTreeSet::new())
+}
+
+/// [`observe`], leaving the elements of the sets named in `refill` unread (`ObservedSet::
+/// unread`: their shape is read, their contents are replaced by the plan). Equals `nft -j
+/// list table inet masqd` without those sets' elements (`nft -t list table` for them), plus
+/// `nft -j list chain ip nat POSTROUTING` and `… ip6 nat POSTROUTING`.
+pub fn observe_refilling(
+    sock: &mut Socket,
+    cache: Option<&SetCache>,
+    refill: &BTreeSet<String>,
+) -> Result<Observed> {
     let genid = genid(sock).context("reading the ruleset generation")?;
     let cached = cache.filter(|c| c.followed || c.genid == genid);
     if let (Some(c), None) = (cache, cached) {
@@ -61,7 +73,7 @@ pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> 
         );
     }
     let table = if table_exists(sock)? {
-        Some(observe_table(sock, cached)?)
+        Some(observe_table(sock, cached, refill)?)
     } else {
         None
     };
@@ -77,8 +89,13 @@ pub fn observe(sock: &mut Socket, cache: Option<&SetCache>) -> Result<Observed> 
 }
 
 /// masqd's table: its chains (the base chain with its rules), then its sets, from `cached`
-/// when the generation is the cached one. Equals `nft -a list table inet masqd`.
-fn observe_table(sock: &mut Socket, cached: Option<&SetCache>) -> Result<ObservedTable> {
+/// when the generation is the cached one, else read (but for the elements of `refill`).
+/// Equals `nft -a list table inet masqd`.
+fn observe_table(
+    sock: &mut Socket,
+    cached: Option<&SetCache>,
+    refill: &BTreeSet<String>,
+) -> Result<ObservedTable> {
     let mut t = ObservedTable::default();
     let chains = sock.dump(
         sys::NFT_MSG_GETCHAIN,
@@ -115,7 +132,7 @@ fn observe_table(sock: &mut Socket, cached: Option<&SetCache>) -> Result<Observe
     }
     t.sets = match cached {
         Some(c) => c.sets.clone(),
-        None => observe_sets(sock)?,
+        None => observe_sets(sock, refill)?,
     };
     Ok(t)
 }
@@ -139,8 +156,11 @@ pub(crate) fn base_chain_ok(at: Attrs<'_>) -> bool {
 }
 
 /// The sets of masqd's table with their elements. Equals `nft list sets table inet masqd`
-/// plus `nft list set inet masqd <name>` for each interval address set.
-fn observe_sets(sock: &mut Socket) -> Result<BTreeMap<String, ObservedSet>> {
+/// plus `nft list set inet masqd <name>` for each interval address set not in `refill`.
+fn observe_sets(
+    sock: &mut Socket,
+    refill: &BTreeSet<String>,
+) -> Result<BTreeMap<String, ObservedSet>> {
     let mut out = BTreeMap::new();
     for m in &list_sets(sock)? {
         let at = m.attrs();
@@ -151,16 +171,22 @@ fn observe_sets(sock: &mut Socket) -> Result<BTreeMap<String, ObservedSet>> {
             continue;
         };
         let (family, interval) = set_shape(at);
+        let unread = refill.contains(name);
         let ranges = match family {
-            Some(f) if interval => list_ranges(sock, name, f)?,
+            Some(_) if unread => None,
+            Some(f) if interval => list_ranges(sock, name, f)?.map(Into::into),
             _ => None,
         };
+        if unread {
+            tracing::debug!("set {name}: not read back (large), its contents are replaced");
+        }
         out.insert(
             name.to_string(),
             ObservedSet {
                 family,
                 interval,
                 ranges,
+                unread,
             },
         );
     }

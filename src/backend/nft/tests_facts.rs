@@ -132,6 +132,7 @@ fn cache_of(ranges: &[(u128, u128)]) -> super::super::cache::SetCache {
                 .map(|&(start, end)| crate::policy::Range { start, end })
                 .collect(),
         ),
+        unread: false,
     };
     super::super::cache::SetCache {
         genid: 1,

@@ -356,3 +356,25 @@ fn base_chain_spliced_from_rustables_is_what_nft_sends() {
     let all = split(&batch).unwrap();
     assert_eq!((all.len(), all[2].kind, all[2].seq), (3, 0x11, 2));
 }
+
+#[test]
+fn flush_set_is_what_nft_sends() {
+    // nft flush set inet masqd nomasq4: DELSETELEM with the table and set, no element list.
+    let theirs = messages(
+        &golden(include_str!("golden/flush-set.hex")),
+        sys::NFT_MSG_DELSETELEM,
+    );
+    let ours = messages(
+        &masqd_batch(&[Change::FlushSet("nomasq4".into())]),
+        sys::NFT_MSG_DELSETELEM,
+    );
+    assert_eq!((theirs.len(), ours.len()), (1, 1));
+    let (_, _, _, attrs) = shape(&theirs[0], &[]);
+    assert!(
+        !attrs
+            .iter()
+            .any(|n| n.ty() == a(sys::NFTA_SET_ELEM_LIST_ELEMENTS)),
+        "the capture flushes: no element list"
+    );
+    assert_eq!(shape(&ours[0], &[]), shape(&theirs[0], &[]));
+}

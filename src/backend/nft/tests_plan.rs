@@ -20,22 +20,22 @@ fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-fn range(s: &str) -> Range {
+pub(super) fn range(s: &str) -> Range {
     Range::of_net(&net(s))
 }
 
 /// Node A: pods 172.7.21.0/24, exceptions 10.96.0.0/12 and 172.7.0.0/16, bridge docker0,
 /// kube-proxy's mark honoured.
-fn policy() -> Policy {
+pub(super) fn policy() -> Policy {
     let pods = vec![net("172.7.21.0/24")];
     let exceptions = vec![net("10.96.0.0/12"), net("172.7.0.0/16")];
     Policy {
         v4: Some(FamilyPolicy {
             configured_pod_cidrs: pods.clone(),
             pod_cidrs: pods.clone(),
-            pod: vec![range("172.7.21.0/24")],
-            nomasq: vec![range("10.96.0.0/12"), range("172.7.0.0/16")],
-            exception_cidrs: exceptions,
+            pod: vec![range("172.7.21.0/24")].into(),
+            nomasq: vec![range("10.96.0.0/12"), range("172.7.0.0/16")].into(),
+            exception_cidrs: exceptions.into(),
         }),
         v6: None,
         bridges: vec!["docker0".into()],
@@ -63,12 +63,13 @@ fn set(ranges: Vec<Range>) -> ObservedSet {
     ObservedSet {
         family: Some(Family::V4),
         interval: true,
-        ranges: Some(ranges),
+        ranges: Some(ranges.into()),
+        unread: false,
     }
 }
 
 /// What the kernel holds after masqd applied [`policy`] (handles 10, 11, …).
-fn in_sync() -> Observed {
+pub(super) fn in_sync() -> Observed {
     let rules = tags()
         .iter()
         .enumerate()

@@ -141,6 +141,13 @@ fn add_change(txn: &mut Transaction, c: &Change, set_id: &mut u32) {
         Change::DeleteSet(name) => {
             txn.add_objects(what, |b| b.add(&set_object(name), MsgType::Del))
         }
+        // flush set inet masqd <name>: DELSETELEM naming the set, with no element list
+        Change::FlushSet(name) => {
+            txn.message(sys::NFT_MSG_DELSETELEM, 0, NFPROTO_INET, what, |w| {
+                w.put_str(a(sys::NFTA_SET_ELEM_LIST_TABLE), TABLE);
+                w.put_str(a(sys::NFTA_SET_ELEM_LIST_SET), name);
+            })
+        }
         Change::AddSet { name, family } => {
             add_set(txn, what, name, *family, *set_id);
             *set_id += 1;

@@ -53,4 +53,5 @@ capture iptables-nft-snat 'iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 -
   iptables-nft -t nat -A POSTROUTING -s 172.7.21.0/24 -j SNAT --to-source 192.0.2.1
 capture add-chain 'nft: add chain inet masqd postrouting { type nat hook postrouting priority srcnat - 1; policy accept; }' \
   nft add chain inet masqd postrouting '{ type nat hook postrouting priority srcnat - 1; policy accept; }'
+capture flush-set 'nft: flush set inet masqd nomasq4' nft flush set inet masqd nomasq4
 rm -f /tmp/masqd-golden.nft
