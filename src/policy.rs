@@ -1,4 +1,7 @@
-//! Config → Policy: aggregated, validated address sets per family. Pure.
+//! Config → Policy: aggregated, validated address sets per family. Pure. The incremental
+//! edit of the exception set (the daemon's list-file reload) is in [`exceptions`].
+
+mod exceptions;
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -6,6 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{Config, HonorMark};
+
+pub use self::exceptions::{range_cidrs, Exceptions, Window};
 
 /// An address family masqd handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -51,7 +51,7 @@ pub(super) fn read_error(named: &Named, e: &ReadError) -> ConfigError {
 }
 
 /// Calls `f` with each entry of the list text: the CIDR, the text as written and its line.
-fn for_each_cidr_line(
+pub(super) fn for_each_cidr_line(
     path: &Path,
     text: &str,
     mut f: impl FnMut(IpNet, &str, usize),

@@ -17,6 +17,7 @@
 //! its contribution merged in [`combine`]; its path pushed by [`watch_paths`].
 
 mod flannel;
+mod incremental;
 pub mod ip_masq_agent;
 mod list;
 mod source;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use self::flannel::{parse_subnet_env, SubnetEnv};
+pub use self::incremental::{ListBase, ListEdit, Loaded};
 pub use self::list::parse_cidr_list;
 pub use self::source::{load_agent_mode, Source, DEFAULT_FLANNEL_SUBNET_ENV};
 use self::toml::TomlSource;
@@ -227,6 +229,13 @@ pub struct ReadError {
 /// that limit (a file that grows meanwhile is refused, `/dev/zero` never fills memory), UTF-8.
 /// A leading byte-order mark is left to the parsers, which drop it (they take text directly too).
 pub fn read_bounded(path: &Path) -> Result<String, ReadError> {
+    let r = read_bounded_once(path);
+    incremental::record(path, &r);
+    r
+}
+
+/// [`read_bounded`] without the record [`Loaded::load`] keeps of every read.
+fn read_bounded_once(path: &Path) -> Result<String, ReadError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let fail = |message: String| ReadError {

@@ -23,8 +23,8 @@ use crate::policy::Policy;
 /// What one reconcile works from.
 pub(super) struct Inputs {
     pub trigger: Trigger,
-    pub cfg: Config,
-    pub policy: Policy,
+    pub cfg: Arc<Config>,
+    pub policy: Arc<Policy>,
     pub state_dir: PathBuf,
     /// Read everything: notifications were lost, the set cache is not trusted.
     pub full: bool,

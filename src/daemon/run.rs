@@ -23,7 +23,7 @@ use super::view::{Reloaded, View};
 use super::watch::Watcher;
 use super::{EX_CONFIG, TARGET};
 use crate::config::watch_paths;
-use crate::config::{self, Config};
+use crate::config::{self, Loaded};
 use crate::engine::Paths;
 use crate::netlink::{Event, NlError};
 
@@ -93,8 +93,8 @@ fn start(paths: Paths) -> Result<ExitCode, ExitCode> {
 
 /// The configuration at start-up; None while a file it names is still missing. A broken one
 /// exits with [`EX_CONFIG`].
-fn first_config(source: &config::Source) -> Result<Option<Config>, ExitCode> {
-    match source.load() {
+fn first_config(source: &config::Source) -> Result<Option<Loaded>, ExitCode> {
+    match Loaded::load(source) {
         Ok(c) => Ok(Some(c)),
         // A file the config names (flannel's subnet.env) may appear only once flannel runs,
         // which may itself wait for kubelet: start, report, and wait for it.
@@ -117,14 +117,14 @@ fn first_config(source: &config::Source) -> Result<Option<Config>, ExitCode> {
 /// Start-up with a file the config names still missing: READY (so that units ordered after
 /// masqd, kubelet among them, can start), STATUS says what is awaited, the config is tried
 /// again every 2 s. None when stopped while waiting.
-async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Config>> {
+async fn wait_for_config(paths: &Paths, signals: &Signals) -> Result<Option<Loaded>> {
     let n = Notifier::from_env();
     let wd = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     let mut told = false;
     loop {
-        match paths.source.load() {
+        match Loaded::load(&paths.source) {
             Ok(c) => return Ok(Some(c)),
             Err(e) => {
                 n.notify(&format!(
@@ -198,7 +198,7 @@ const LEGACY_POLL: Duration = Duration::from_secs(5);
 
 async fn main_loop(
     paths: Paths,
-    cfg: Config,
+    cfg: Loaded,
     signals: Signals,
     exporter: crate::metrics::Exporter,
 ) -> Result<()> {
@@ -263,7 +263,7 @@ async fn main_loop(
 
 impl Daemon {
     /// Opens the sockets and watches the loop reads, with the configuration read at start.
-    fn new(paths: Paths, cfg: Config, exporter: crate::metrics::Exporter) -> Result<Daemon> {
+    fn new(paths: Paths, cfg: Loaded, exporter: crate::metrics::Exporter) -> Result<Daemon> {
         let view = View::new(cfg);
         let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
         Ok(Daemon {
@@ -426,16 +426,14 @@ impl Daemon {
     /// state (see [`View::offer`]); a new metrics address that cannot be bound refuses the
     /// whole configuration.
     fn reload(&mut self, why: &str) {
-        let loaded = self
-            .paths
-            .source
-            .load()
-            .map_err(|e| e.to_string())
-            .and_then(|cfg| self.exporter.reconfigure(&cfg).map(|()| cfg));
+        let exporter = &mut self.exporter;
+        let r = self
+            .view
+            .reload(why, &self.paths.source, |cfg| exporter.reconfigure(cfg));
         if let Some(m) = self.exporter.metrics() {
-            m.config_read(loaded.is_ok());
+            m.config_read(r != Reloaded::Refused);
         }
-        if self.view.offer(why, loaded) == Reloaded::Changed {
+        if r == Reloaded::Changed {
             self.sched.config_changed(Instant::now());
         }
         self.status();

@@ -1,7 +1,9 @@
 //! What the daemon knows and shows: the live configuration and its policy (a refused reload
-//! keeps the last good one), the backend in use, the last reconcile, the STATUS= line built
-//! from them, and the log lines and metrics of each reconcile's outcome.
+//! keeps the last good one; an edit of the CIDR list file alone is applied to them in place,
+//! [`crate::config::ListBase`]), the backend in use, the last reconcile, the STATUS= line
+//! built from them, and the log lines and metrics of each reconcile's outcome.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
@@ -9,7 +11,7 @@ use anyhow::Result;
 use super::scheduler::{resync_period, Ended};
 use super::triggers::Trigger;
 use super::TARGET;
-use crate::config::Config;
+use crate::config::{Config, ListBase, Loaded, Source};
 use crate::detect::Backend;
 use crate::engine::Plan;
 use crate::policy::{Family, Policy};
@@ -56,21 +58,25 @@ pub(super) enum Reloaded {
 /// The daemon's view of its configuration and of the kernel.
 #[derive(Debug)]
 pub(super) struct View {
-    pub cfg: Config,
-    pub policy: Policy,
+    /// Shared with the running reconcile (a clone of 60,000 CIDRs would cost a millisecond).
+    pub cfg: Arc<Config>,
+    pub policy: Arc<Policy>,
     pub config_error: Option<String>,
+    /// The last good load's base for edits of the list file alone.
+    list: Option<ListBase>,
     backend: String,
     legacy_in_use: bool,
     last: Option<String>,
 }
 
 impl View {
-    pub fn new(cfg: Config) -> View {
-        let cfg = lean(cfg);
+    pub fn new(loaded: Loaded) -> View {
+        let cfg = lean(loaded.cfg);
         View {
-            policy: Policy::from_config(&cfg),
-            cfg,
+            policy: Arc::new(Policy::from_config(&cfg)),
+            cfg: Arc::new(cfg),
             config_error: None,
+            list: loaded.base,
             backend: "undecided".into(),
             legacy_in_use: false,
             last: None,
@@ -110,6 +116,57 @@ impl View {
         s
     }
 
+    /// Reads the configuration again (`check`: what else must accept it, the metrics
+    /// address). An edit of the list file alone is applied in place to the configuration and
+    /// its policy ([`ListBase`]); anything else is a full read ([`Loaded::load`]), then
+    /// [`View::offer`]. Either way the outcome is that of a full read.
+    pub fn reload(
+        &mut self,
+        why: &str,
+        source: &Source,
+        check: impl FnOnce(&Config) -> Result<(), String>,
+    ) -> Reloaded {
+        if let Some(r) = self.list_edit(why) {
+            return r;
+        }
+        match Loaded::load(source).map_err(|e| e.to_string()) {
+            Ok(l) => match check(&l.cfg) {
+                Ok(()) => {
+                    let r = self.offer(why, Ok(l.cfg));
+                    self.list = l.base;
+                    r
+                }
+                Err(e) => self.offer(why, Err(e)),
+            },
+            Err(e) => self.offer(why, Err(e)),
+        }
+    }
+
+    /// The list file's edit applied in place, when that is what changed; None: a full read
+    /// is needed.
+    fn list_edit(&mut self, why: &str) -> Option<Reloaded> {
+        let base = self.list.as_mut()?;
+        let edit = match base.edit() {
+            None => return None,
+            Some(Err(e)) => return Some(self.offer(why, Err(e.to_string()))),
+            Some(Ok(edit)) => edit,
+        };
+        let (cfg, policy) = (
+            Arc::make_mut(&mut self.cfg),
+            Arc::make_mut(&mut self.policy),
+        );
+        let Some(changed) = base.apply(edit, cfg, policy) else {
+            self.list = None;
+            return None;
+        };
+        self.config_error = None;
+        if !changed {
+            return Some(Reloaded::Unchanged);
+        }
+        tracing::info!(target: TARGET, "{why}: configuration changed (the CIDR list file)");
+        Some(Reloaded::Changed)
+    }
+
     /// A reload's result (`loaded`: the configuration read, or why it was refused). A broken
     /// one keeps the last good policy and the kernel state; it is logged with its file and
     /// line and shown in STATUS.
@@ -126,13 +183,13 @@ impl View {
             Ok(cfg) => {
                 let cfg = lean(cfg);
                 self.config_error = None;
-                if cfg == self.cfg {
+                if cfg == *self.cfg {
                     return Reloaded::Unchanged;
                 }
                 tracing::info!(target: TARGET, "{why}: configuration changed");
                 crate::logging::log_config_diff(&self.cfg, &cfg);
-                self.policy = Policy::from_config(&cfg);
-                self.cfg = cfg;
+                self.policy = Arc::new(Policy::from_config(&cfg));
+                self.cfg = Arc::new(cfg);
                 Reloaded::Changed
             }
         }
@@ -268,9 +325,13 @@ mod tests {
         crate::config::parse(Path::new("/etc/masqd/masqd.toml"), &text).expect("valid")
     }
 
+    fn loaded(cfg: Config) -> Loaded {
+        Loaded { cfg, base: None }
+    }
+
     #[test]
     fn status_before_the_first_reconcile() {
-        let v = View::new(config(""));
+        let v = View::new(loaded(config("")));
         assert_eq!(
             v.status_line(0),
             "backend undecided; pod4=1 nomasq4=1; last reconcile none yet; repairs 0"
@@ -279,7 +340,7 @@ mod tests {
 
     #[test]
     fn a_config_error_keeps_the_last_good_policy() {
-        let mut v = View::new(config(""));
+        let mut v = View::new(loaded(config("")));
         let good = v.policy.clone();
         let r = v.offer("SIGHUP", Err("masqd.toml:3: bad CIDR".into()));
         assert_eq!(r, Reloaded::Refused);
@@ -297,6 +358,48 @@ mod tests {
         assert_eq!(v.offer("SIGHUP", Ok(more)), Reloaded::Changed);
         assert!(v.status_line(0).contains("pod4=1 nomasq4=3"));
         assert!(v.cfg.pod_origins.is_empty(), "kept lean");
+    }
+
+    #[test]
+    fn a_list_edit_is_applied_in_place_as_a_full_read_would() {
+        let dir = std::env::temp_dir().join(format!("masqd-view-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (toml, list) = (dir.join("masqd.toml"), dir.join("x.list"));
+        let head = "[node]\npod_cidrs = [\"172.7.21.0/24\"]\n[masquerade]\n";
+        std::fs::write(
+            &toml,
+            format!("{head}nonmasquerade_cidrs_file = \"x.list\"\n"),
+        )
+        .unwrap();
+        std::fs::write(&list, "10.1.0.0/16\n10.3.0.0/16\n").unwrap();
+        let source = Source::toml(&toml);
+        let mut v = View::new(Loaded::load(&source).unwrap());
+        let refuse = |_: &Config| Err("the full read's check".to_string());
+        // The list alone changed: applied in place (the full read's check is not asked).
+        std::fs::write(&list, "10.1.0.0/16\n10.2.0.0/16\n10.3.0.0/16\n").unwrap();
+        assert_eq!(v.reload("edit", &source, refuse), Reloaded::Changed);
+        let full = lean(Loaded::load(&source).unwrap().cfg);
+        assert_eq!(*v.cfg, full);
+        assert_eq!(*v.policy, Policy::from_config(&full));
+        assert!(v.status_line(0).contains("nomasq4=1"), "10.1-10.3 merged");
+        // A bad line: refused with its file and line, the policy stays.
+        std::fs::write(&list, "10.1.0.0/16\n10.2.0.0/16\n10.3.0.1/16\n").unwrap();
+        assert_eq!(v.reload("edit", &source, refuse), Reloaded::Refused);
+        let e = v.config_error.clone().unwrap();
+        assert!(e.starts_with(&format!("{}:3: ", list.display())), "{e}");
+        assert_eq!(*v.policy, Policy::from_config(&full));
+        // The configuration file changed too: a full read (whose check refuses here).
+        std::fs::write(&list, "10.1.0.0/16\n").unwrap();
+        std::fs::write(
+            &toml,
+            format!("{head}nonmasquerade_cidrs_file = \"./x.list\"\n"),
+        )
+        .unwrap();
+        assert_eq!(v.reload("edit", &source, refuse), Reloaded::Refused);
+        assert_eq!(v.config_error.as_deref(), Some("the full read's check"));
+        assert_eq!(v.reload("edit", &source, |_| Ok(())), Reloaded::Changed);
+        assert!(v.status_line(0).contains("nomasq4=1"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
