@@ -3,11 +3,13 @@
 //! Pipeline: [`config`] → [`policy`] (pure) → [`detect`] chooses the drivers of [`backend`] →
 //! each driver observes, plans (pure) and applies its changes as one transaction. [`engine`]
 //! strings them together for the one-shot commands ([`cli`]) and the daemon ([`daemon`]);
-//! [`netlink`] is the socket-free netlink layer plus the one socket.
+//! [`netlink`] is the socket-free netlink layer plus the one socket; [`control`] is the
+//! daemon's control socket, which `status` and `plan` ask first.
 pub mod backend;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod detect;
 pub mod engine;

@@ -57,15 +57,25 @@ enum Command {
     /// Make the kernel match the configuration (idempotent; exit 0 when done or in sync).
     Apply,
     /// Print what `apply` would change, nft-like; exit 0 when nothing, 2 when changes are
-    /// pending, 1 on error.
-    Plan,
+    /// pending, 1 on error. Asks the running daemon (its control socket) first; without one
+    /// it reads the kernel and says so on stderr.
+    Plan {
+        /// Read the kernel, do not ask the running daemon.
+        #[arg(long)]
+        direct: bool,
+    },
     /// Show, per family, the backend, the sets and the connections masqueraded and kept; whether
     /// the kernel is in sync (exit 0) or not (exit 3); the default rules masqd removed and will
-    /// restore; the other NAT rules for the pod CIDRs.
+    /// restore; the other NAT rules for the pod CIDRs. Asks the running daemon (its control
+    /// socket; answered from its mirror of masqd's sets, no dump) first; without one it reads
+    /// the kernel and says so on stderr.
     Status {
         /// Print JSON (errors too: `{"error": "..."}` on stdout).
         #[arg(long)]
         json: bool,
+        /// Read the kernel, do not ask the running daemon.
+        #[arg(long)]
+        direct: bool,
     },
     /// Print the policy as masqd installs it: an `nft -f` script that replaces masqd's table
     /// atomically, or the `iptables-legacy-restore --noflush` payload of a legacy family.
@@ -97,6 +107,8 @@ enum Command {
     /// Explain what happens to a new connection from SRC to DST on this node, read from the
     /// kernel as it is now: untouched, marked, kept (the exception range, the config line it
     /// came from, the rule) or masqueraded; and the other NAT rules that would have matched.
+    /// Always read directly (the connection's addresses are looked up in masqd's sets one
+    /// element each, no dump); the daemon is not asked.
     Explain {
         /// Source address.
         src: String,
@@ -269,7 +281,7 @@ fn report_error(command: &Command, e: &anyhow::Error) -> ExitCode {
     let msg = cli::exit::message(e);
     let json = matches!(
         command,
-        Command::Status { json: true }
+        Command::Status { json: true, .. }
             | Command::Detect { json: true }
             | Command::Explain { json: true, .. }
     );
@@ -311,14 +323,8 @@ fn dispatch(command: &Command, paths: &Paths) -> anyhow::Result<u8> {
             let (cfg, policy) = engine::load(&paths.source)?;
             cli::apply::apply(paths, &cfg, &policy)
         }
-        Command::Plan => {
-            let (cfg, policy) = engine::load(&paths.source)?;
-            cli::apply::plan(&cfg, &policy)
-        }
-        Command::Status { json } => {
-            let (cfg, policy) = engine::load(&paths.source)?;
-            cli::apply::status(paths, &cfg, &policy, *json)
-        }
+        Command::Plan { direct } => cli::apply::plan_cmd(paths, *direct),
+        Command::Status { json, direct } => cli::apply::status_cmd(paths, *json, *direct),
         Command::Export { format, family } => {
             let (cfg, policy) = engine::load(&paths.source)?;
             let format = format.map(|f| match f {

@@ -1,5 +1,6 @@
 //! `masqd apply`, `masqd plan` and `masqd status`: the commands that compare the kernel with
-//! the configuration, and what they print.
+//! the configuration, and what they print. `plan` and `status` ask the running daemon first
+//! (its control socket, [`crate::control`]), and read the kernel themselves without one.
 
 use anyhow::Result;
 
@@ -8,6 +9,7 @@ use super::exit::{CHANGES_PENDING, OK, OUT_OF_SYNC};
 use crate::backend::query::{self, LEGACY_CHAIN, LEGACY_CHAIN_ENTRY};
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::control::{Command, Request};
 use crate::engine::{self, Paths, Plan};
 use crate::foreign::Overridden;
 use crate::policy::Policy;
@@ -22,6 +24,49 @@ pub fn apply(paths: &Paths, cfg: &Config, policy: &Policy) -> Result<u8> {
         tracing::info!(changes = p.len(), "applied");
     }
     Ok(OK)
+}
+
+/// `masqd plan` and `masqd status` through the running daemon of `paths.state_dir`: its exit
+/// code once its answer is printed; None (after one line on stderr saying why, unless
+/// `direct`) when the command must read the kernel itself.
+pub fn from_daemon(paths: &Paths, command: Command, json: bool, direct: bool) -> Option<u8> {
+    if direct {
+        return None;
+    }
+    let req = Request {
+        version: crate::control::VERSION,
+        command,
+        json,
+    };
+    match crate::control::client::ask(&paths.state_dir, &paths.config, &req) {
+        Ok(a) => {
+            print!("{}", a.stdout);
+            Some(a.exit)
+        }
+        Err(why) => {
+            eprintln!("masqd: {why}: reading the kernel");
+            None
+        }
+    }
+}
+
+/// `masqd plan`: the daemon's answer ([`from_daemon`]), else [`plan`] over the configuration.
+pub fn plan_cmd(paths: &Paths, direct: bool) -> Result<u8> {
+    if let Some(code) = from_daemon(paths, Command::Plan, false, direct) {
+        return Ok(code);
+    }
+    let (cfg, policy) = engine::load(&paths.source)?;
+    plan(&cfg, &policy)
+}
+
+/// `masqd status`: the daemon's answer ([`from_daemon`]), else [`status`] over the
+/// configuration.
+pub fn status_cmd(paths: &Paths, json: bool, direct: bool) -> Result<u8> {
+    if let Some(code) = from_daemon(paths, Command::Status, json, direct) {
+        return Ok(code);
+    }
+    let (cfg, policy) = engine::load(&paths.source)?;
+    status(paths, &cfg, &policy, json)
 }
 
 /// `masqd plan`: prints what `apply` would change; exit 0 when nothing, 2 when changes are

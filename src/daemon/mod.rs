@@ -23,8 +23,10 @@
 //! the clock is passed in), `view` (the live configuration and the STATUS= line), `reconcile`
 //! (the one call into the engine), `watch` (inotify), `legacy` (the legacy change source),
 //! `signals` (signalfd), [`notify`]
-//! (sd_notify) and `run` (start-up and the select loop).
+//! (sd_notify), `control` (the control socket's server) and `run` (start-up and the select
+//! loop).
 
+mod control;
 mod follow;
 mod legacy;
 mod monitor;

@@ -46,6 +46,12 @@ impl Monitor {
         Ok(events)
     }
 
+    /// The notifications already queued, read without waiting (the control socket takes
+    /// them in before it answers: every commit made before the question is then known).
+    pub fn drain_now(&mut self) -> Result<Vec<Event>, NlError> {
+        self.sock.get_mut().drain_events()
+    }
+
     /// The trigger a drained batch (or a failed read) asks for, noting lost notifications.
     pub fn take_in(
         &mut self,

@@ -81,6 +81,11 @@ impl Reconciler {
         self.own_pid
     }
 
+    /// A copy of the set cache while no reconcile runs (the control socket's answers).
+    pub fn mirror(&self) -> Option<crate::backend::SetCache> {
+        self.drv.as_ref().and_then(|d| d.cache().cloned())
+    }
+
     /// Whether a reconcile can start (none runs).
     pub fn idle(&self) -> bool {
         self.job.is_none() && self.drv.is_some()

@@ -11,6 +11,7 @@ use nix::sys::inotify::InotifyEvent;
 use nix::sys::signal::Signal;
 use tokio::task::JoinError;
 
+use super::control::{Control, Question, Snapshot};
 use super::follow::Follow;
 use super::legacy::{lockfile, LegacyWatch};
 use super::monitor::Monitor;
@@ -171,6 +172,8 @@ enum Wake {
     /// The owed reconcile's time came.
     Due,
     Trim,
+    /// A question on the control socket.
+    Control(Question),
 }
 
 /// The daemon's state around the loop.
@@ -189,6 +192,8 @@ struct Daemon {
     follow: Follow,
     watcher: Watcher,
     legacy: LegacyWatch,
+    /// The control socket (`masqd status`, `masqd plan`).
+    control: Control,
 }
 
 /// How often the legacy nat tables' info is sampled without an event (one getsockopt per
@@ -212,6 +217,7 @@ async fn main_loop(
 
     loop {
         d.start_due();
+        d.serve_control();
         let far = Instant::now() + Duration::from_secs(86_400);
         let due = tokio::time::Instant::from_std(d.sched.next_start().unwrap_or(far));
         let resync_at = tokio::time::Instant::from_std(d.sched.resync_at());
@@ -231,6 +237,7 @@ async fn main_loop(
             _ = watchdog.tick(), if wd_period.is_some() => Wake::Watchdog,
             _ = tokio::time::sleep_until(due) => Wake::Due,
             _ = tokio::time::sleep_until(trim), if trim_at.is_some() => Wake::Trim,
+            q = d.control.next() => Wake::Control(q),
         };
         match wake {
             Wake::Reconciled(r) => match *r {
@@ -252,6 +259,7 @@ async fn main_loop(
             Wake::Watchdog => d.notifier.notify("WATCHDOG=1"),
             Wake::Due => {}
             Wake::Trim => d.trim(),
+            Wake::Control(q) => d.control.park(q),
         }
     }
 
@@ -268,6 +276,7 @@ impl Daemon {
         let watcher = Watcher::new(&watch_paths(&paths.config, &view.cfg))?;
         Ok(Daemon {
             sched: Scheduler::new(Instant::now(), view.resync()),
+            control: Control::open(&paths),
             paths,
             notifier: Notifier::from_env(),
             view,
@@ -286,6 +295,28 @@ impl Daemon {
         let s = self.view.status_line(self.sched.repairs());
         self.notifier
             .notify(&format!("STATUS={}", systemd::one_line(&s)));
+    }
+
+    /// Answers the control socket's waiting questions once no reconcile runs or is due, the
+    /// notifications already queued taken in first (see `control`).
+    fn serve_control(&mut self) {
+        if !self.control.waiting() {
+            return;
+        }
+        let ev = self.monitor.drain_now();
+        self.netlink(ev);
+        self.start_due();
+        if !self.reconciler.idle() {
+            return;
+        }
+        self.control.serve(Snapshot {
+            mirror: self.reconciler.mirror(),
+            trusted: self.sched.next_start().is_none() && self.sched.ready(),
+            policy: self.view.policy.clone(),
+            mode: self.view.cfg.mode,
+            last_reconcile: self.view.last_reconcile().to_string(),
+            config_error: self.view.config_error.clone(),
+        });
     }
 
     /// Starts the owed reconcile when the scheduler says its time has come.

@@ -83,6 +83,11 @@ impl View {
         }
     }
 
+    /// The last reconcile as STATUS= shows it.
+    pub fn last_reconcile(&self) -> &str {
+        self.last.as_deref().unwrap_or("none yet")
+    }
+
     /// The resync period the configuration and the backend in use imply.
     pub fn resync(&self) -> Duration {
         resync_period(self.cfg.resync_interval, self.legacy_in_use)

@@ -143,6 +143,11 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
         self.sock.borrow_mut()
     }
 
+    /// The set cache (the daemon's control socket answers from a copy).
+    pub fn cache(&self) -> Option<&SetCache> {
+        self.cache.as_ref()
+    }
+
     /// Takes the set cache out (kept by the daemon between reconciles).
     pub fn take_cache(&mut self) -> Option<SetCache> {
         self.cache.take()
