@@ -4,7 +4,11 @@ tools use, in one run on one machine, alternating, with medians and ratios.
 
 Run as root from the repository (it installs nothing; `bash scripts/bench.sh` does):
 
-    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md] [--only datapath|"legacy drift"]
+    python3 scripts/bench.py [--quick] [--out BENCHMARKS.md] [--only SECTION] [--sizes 1000,10000]
+
+SECTION: datapath, "legacy drift", scaling, "foreign churn", "one CIDR at scale",
+"repair under commits", "listening cost" (sections 7-11 live in bench_scale.py and
+bench_follow.py; the helpers all share are in bench_common.py).
 
 Everything happens in private network namespaces created here and removed at the end; the
 host's firewall is never touched. Each masqd run is checked against the kernel (the set holds
@@ -12,326 +16,25 @@ exactly the expected intervals), so nothing is fast by being wrong.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import platform
-import socket
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MASQD = os.path.join(ROOT, "target", "release", "masqd")
-FLOWGEN = os.path.join(ROOT, "target", "release", "examples", "flowgen")
-CLUSTER = os.path.join(ROOT, "scripts", "cluster.sh")
-POD = "172.7.21.0/24"
-NAMESPACES = []
-DAEMONS = []
+from bench_common import (CLUSTER, DAEMONS, FLOWGEN, MASQD, NAMESPACES, POD, ROOT, Daemon, cidrs,
+                          daemon_one_cidr, delete_table, in_ns, ipmasq_payload, log, measure, median,
+                          netns, netns_del, ns_socket, pct, proc_cpu_ticks, proc_status, run, set_size,
+                          verify_masqd, write_config)
+from bench_follow import (bench_churn, bench_listen_cost, bench_one_cidr_scale, bench_repair_load, report_churn,
+                          report_listen_cost, report_one_cidr_scale, report_repair_load)
+from bench_scale import bench_scaling, report_scaling
 
-# netlink / nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h)
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NFNLGRP_NFTABLES = 7
-NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE = 0, 2
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
-NFT_MSG_NEWGEN = 15
-CLONE_NEWNET = 0x40000000
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def run(args, check=True, input=None, capture=True):
-    r = subprocess.run(args, input=input, stdout=subprocess.PIPE if capture else None,
-                       stderr=subprocess.PIPE if capture else None)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{args[:6]}… failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
-    return r
-
-
-def netns(name):
-    run(["ip", "netns", "add", name])
-    NAMESPACES.append(name)
-    run(["ip", "-n", name, "link", "set", "lo", "up"])
-    return name
-
-
-def netns_del(name):
-    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-    if name in NAMESPACES:
-        NAMESPACES.remove(name)
-
-
-def in_ns(ns, *args):
-    return ["ip", "netns", "exec", ns, *args]
-
-
-def measure(args, input=None):
-    """Runs a command; returns wall s, user s, sys s (wait4 rusage) and peak RSS KiB. The peak
-    RSS comes from GNU time's %M: a child spawned straight from this (large) python process
-    inherits its high-water mark until exec, which would hide the tool's own."""
-    rss_file = tempfile.mktemp(prefix="masqd-bench-rss-")
-    args = ["/usr/bin/time", "-f", "%M", "-o", rss_file, *args]
-    t = time.perf_counter()
-    p = subprocess.Popen(args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if input is not None:
-        p.stdin.write(input)
-        p.stdin.close()
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{args[:6]}… exited {p.returncode}: {err.decode()[-2000:]}")
-    with open(rss_file) as f:
-        rss = int(f.read().split()[-1])
-    os.unlink(rss_file)
-    return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "rss": rss}
-
-
-def cidrs(n, base=0x0B000000):
-    """n disjoint, non-adjacent /28s: n intervals in a kernel interval set."""
-    out = []
-    for i in range(n):
-        a = base + i * 32
-        out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/28")
-    return out
-
-
-def write_config(path, exceptions, mode="nft", list_file=None):
-    """A masqd config with the exceptions in the TOML array, or in `list_file` (one per line)."""
-    if list_file:
-        with open(list_file, "w") as f:
-            f.write("\n".join(exceptions) + "\n")
-        ex = f'nonmasquerade_cidrs_file = "{list_file}"'
-    else:
-        ex = "nonmasquerade_cidrs = [" + ",".join(f'"{c}"' for c in exceptions) + "]"
-    text = (f'[node]\npod_cidrs = ["{POD}"]\n[masquerade]\ncluster_cidrs = []\n'
-            f'{ex}\nbridge_interfaces = ["docker0"]\n[backend]\nmode = "{mode}"\n')
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def ipmasq_payload(exceptions):
-    """The ip-masq-agent layout: one RETURN rule per CIDR, then MASQUERADE."""
-    lines = ["*nat", ":IP-MASQ-AGENT - [0:0]", f"-A POSTROUTING -s {POD} -j IP-MASQ-AGENT"]
-    lines += [f"-A IP-MASQ-AGENT -d {c} -j RETURN" for c in exceptions]
-    lines += ["-A IP-MASQ-AGENT -j MASQUERADE", "COMMIT", ""]
-    return "\n".join(lines).encode()
-
-
-def set_size(ns, name="nomasq4"):
-    out = run(in_ns(ns, "nft", "-j", "list", "set", "inet", "masqd", name)).stdout
-    for o in json.loads(out)["nftables"]:
-        if "set" in o:
-            return len(o["set"].get("elem", []))
-    return 0
-
-
-def verify_masqd(ns, cfg, state, n):
-    got = set_size(ns)
-    if got != n:
-        raise RuntimeError(f"kernel set holds {got} intervals, expected {n}")
-    r = run(in_ns(ns, MASQD, "--config", cfg, "--state-dir", state, "plan"), check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"masqd plan after apply: exit {r.returncode}")
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
-    return xs[k]
-
-
-# --------------------------------------------------------------------------- netlink events
-
-libc = ctypes.CDLL(None, use_errno=True)
-
-
-def ns_socket(ns, groups=()):
-    """A NETLINK_NETFILTER socket created inside `ns` (from a thread that entered it)."""
-    box = {}
-
-    def work():
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            box["err"] = ctypes.get_errno()
-            return
-        os.close(fd)
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        s.bind((0, 0))
-        for g in groups:
-            s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)
-        s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE
-        box["s"] = s
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if "s" not in box:
-        raise RuntimeError(f"setns failed: errno {box.get('err')}")
-    return box["s"]
-
-
-def delete_table(sock):
-    """`nft delete table inet masqd` as one raw netlink batch; returns when the kernel acked."""
-    def msg(typ, flags, seq, family, res_id, payload=b""):
-        return struct.pack("=IHHII", 16 + 4 + len(payload), typ, flags, seq, 0) + \
-            struct.pack("=BBH", family, 0, socket.htons(res_id)) + payload
-    name = b"masqd\0"
-    attr = struct.pack("=HH", 4 + len(name), 1) + name + b"\0" * ((-len(name)) % 4)
-    batch = msg(0x10, 1, 1, 0, 10) + msg((10 << 8) | 2, 1 | 4, 2, 1, 0, attr) + msg(0x11, 1, 3, 0, 10)
-    sock.send(batch)
-    while True:
-        data = sock.recv(65536)
-        ln, typ, _f, seq, _pid = struct.unpack_from("=IHHII", data, 0)
-        if typ == 2 and seq == 2:
-            err = struct.unpack_from("=i", data, 16)[0]
-            if err != 0:
-                raise RuntimeError(f"delete table: errno {-err}")
-            return time.perf_counter()
-
-
-def monitor_socket(ns):
-    """A NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES inside `ns`."""
-    return ns_socket(ns, groups=(NFNLGRP_NFTABLES,))
-
-
-def events(sock, deadline):
-    """Yields (time, msg type, pid, table) for each nftables notification until `deadline`."""
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            return
-        sock.settimeout(left)
-        try:
-            data = sock.recv(1 << 20)
-        except socket.timeout:
-            return
-        except OSError as e:
-            if e.errno == 105:  # ENOBUFS: notifications were lost; keep listening
-                continue
-            raise
-        now = time.perf_counter()
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ, _flags, _seq, pid = struct.unpack_from("=IHHII", data, off)
-            if ln < 16:
-                break
-            body = data[off + 16: off + ln]
-            table = None
-            if len(body) >= 8:
-                alen, atyp = struct.unpack_from("=HH", body, 4)
-                if atyp & 0x3FFF == 1 and alen > 4:
-                    table = body[8: 4 + alen].split(b"\0")[0].decode(errors="replace")
-            yield now, typ & 0xFF, pid, table
-            off += (ln + 3) & ~3
-
-
-def drain(sock):
-    sock.setblocking(False)
-    try:
-        while True:
-            sock.recv(1 << 20)
-    except (BlockingIOError, socket.timeout):
-        pass
-    finally:
-        sock.setblocking(True)
-
-
-# --------------------------------------------------------------------------- the daemon
-
-class Daemon:
-    def __init__(self, ns, cfg, state, watchdog=False, path=None):
-        self.dir = tempfile.mkdtemp(prefix="masqd-bench-")
-        self.sock_path = os.path.join(self.dir, "notify.sock")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.sock_path)
-        env = dict(os.environ, NOTIFY_SOCKET=self.sock_path)
-        if path:
-            env["PATH"] = path
-        if not watchdog:
-            env.pop("WATCHDOG_USEC", None)
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(in_ns(ns, MASQD, "--config", cfg, "--state-dir", state,
-                                           "--log-level", "warn", "run"),
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        DAEMONS.append(self.proc)
-        self.cond = threading.Condition()
-        self.notes = []  # (time, message), read continuously like a service manager does
-        threading.Thread(target=self._reader, daemon=True).start()
-
-    def _reader(self):
-        while True:
-            try:
-                m = self.notify.recv(65536).decode()
-            except OSError:
-                return
-            with self.cond:
-                self.notes.append((time.perf_counter(), m))
-                self.cond.notify_all()
-
-    def wait(self, what, timeout=120):
-        deadline = time.perf_counter() + timeout
-        with self.cond:
-            while True:
-                for t, m in self.notes:
-                    if what in m:
-                        return t
-                left = deadline - time.perf_counter()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise RuntimeError(f"daemon: no {what} within {timeout}s (exit {self.proc.poll()})")
-                self.cond.wait(left)
-
-    def repairs(self):
-        """The repairs count of the last STATUS= line."""
-        with self.cond:
-            for _, m in reversed(self.notes):
-                if "STATUS=" in m and "repairs " in m:
-                    return int(m.split("repairs ")[1].split(";")[0].split()[0])
-        return 0
-
-    def wait_repairs(self, k, timeout=20):
-        """Time the STATUS= line reporting `k` repairs arrived (sent right after the reconcile's
-        transaction was acknowledged)."""
-        return self.wait(f"repairs {k}", timeout)
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        if self.proc in DAEMONS:
-            DAEMONS.remove(self.proc)
-        self.notify.close()
-
-
-def proc_status(pid):
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
-def proc_cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
+ONLY = ["datapath", "legacy drift", "scaling", "foreign churn", "one CIDR at scale", "repair under commits",
+        "listening cost"]
+SCALE_SIZES = [1000, 10000, 60000, 250000, 1000000]
 
 # --------------------------------------------------------------------------- benchmarks
 
@@ -449,52 +152,6 @@ def bench_one_cidr(n, runs, trials, tmp):
         res[f"masqd run, {kind} (rename → element in kernel)"] = daemon_one_cidr(n, ex, extra, trials, tmp, kind)
     log("  one CIDR: " + ", ".join(f"{k} {v['wall'] * 1000:.2f} ms" for k, v in res.items()))
     return res
-
-
-def daemon_one_cidr(n, ex, extra, trials, tmp, kind):
-    ns = netns("mqb-one-daemon")
-    d_dir = tempfile.mkdtemp(prefix="daemon-", dir=tmp)
-    live = os.path.join(d_dir, "masqd.toml")
-    if kind == "list file":
-        lst = os.path.join(d_dir, "nonmasq.list")
-        write_config(live, ex, list_file=lst)
-        variants = ["\n".join(ex + extra) + "\n", "\n".join(ex) + "\n"]
-        target = lst
-    else:
-        write_config(live, ex)
-        a, b = os.path.join(d_dir, "a"), os.path.join(d_dir, "b")
-        write_config(a, ex)
-        write_config(b, ex + extra)
-        variants = [open(b).read(), open(a).read()]
-        target = live
-    d = Daemon(ns, live, os.path.join(d_dir, "state"))
-    d.wait("READY=1")
-    mon = monitor_socket(ns)
-    lat = []
-    for i in range(trials):
-        tmpf = target + ".new"
-        with open(tmpf, "w") as g:
-            g.write(variants[i % 2])
-        drain(mon)
-        t0 = time.perf_counter()
-        os.rename(tmpf, target)
-        seen_elem = None
-        for t, typ, pid, table in events(mon, t0 + 5):
-            if typ in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM) and table == "masqd" and seen_elem is None:
-                seen_elem = t
-            if typ == NFT_MSG_NEWGEN and seen_elem is not None:
-                break
-        if seen_elem is None:
-            raise RuntimeError(f"daemon ({kind}) did not apply the renamed file within 5 s")
-        lat.append(seen_elem - t0)
-        time.sleep(0.05)
-    want = n + 1 if (trials - 1) % 2 == 0 else n
-    if set_size(ns) != want:
-        raise RuntimeError(f"daemon left {set_size(ns)} intervals, expected {want}")
-    d.stop()
-    mon.close()
-    netns_del(ns)
-    return {"wall": median(lat), "p99": pct(lat, 99)}
 
 
 def bench_drift(sizes, trials, tmp):
@@ -1081,16 +738,30 @@ def report(m, full, sizes, one, one_n, drift, dp, dp_n, guard, foot, foot_n, arg
     return "\n".join(L) + "\n"
 
 
+def follow_reports(sc, ch, oc, rl, lc):
+    """Sections 7-11 of the report (bench_scale.py, bench_follow.py); those not run are left out."""
+    return [*report_scaling(sc), *report_churn(ch), *report_one_cidr_scale(oc), *report_repair_load(rl),
+            *report_listen_cost(lc)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes, runs and trials (a smoke run)")
     ap.add_argument("--out", help="the report (default BENCHMARKS.md; with --only, standard output)")
     ap.add_argument("--notes", default=os.path.join(ROOT, "scripts", "bench-notes.md"),
                     help="hand-written analysis appended to the report")
-    ap.add_argument("--only", choices=["datapath", "legacy drift"],
+    ap.add_argument("--only", choices=ONLY,
                     help="run one section and write only its part of the report (never BENCHMARKS.md "
                          "unless --out names it)")
+    ap.add_argument("--sizes", help="comma list of exception counts for sections 7-9 instead of "
+                                    "1,000 … 1,000,000 (e.g. 1000,10000 for a smoke run)")
     args = ap.parse_args()
+    try:
+        given = sorted({int(x.replace("_", "")) for x in args.sizes.split(",")}) if args.sizes else None
+    except ValueError:
+        sys.exit(f"--sizes: {args.sizes!r} is not a comma list of numbers")
+    if given and min(given) < 1:
+        sys.exit(f"--sizes: {args.sizes!r}: every size must be at least 1")
     if os.geteuid() != 0:
         sys.exit("bench.py must run as root (network namespaces)")
     for p in (MASQD, FLOWGEN):
@@ -1122,6 +793,15 @@ def main():
                             tmp) or (None, None)
         foot = section("5. footprint", bench_footprint, big, 10 if args.quick else 60, tmp)
         ld = section("6. legacy drift", bench_legacy_drift, 10, 10 if args.quick else 60, tmp)
+        scale_sizes = given or ([1000, 10000] if args.quick else SCALE_SIZES)
+        sc = section("7. scaling", bench_scaling, scale_sizes, 3 if args.quick else 5, 1 if args.quick else 3,
+                     args.quick, tmp)
+        churn_sizes = sorted({1, *given}) if given else ([1, 10000] if args.quick else [1, 60000, 1000000])
+        ch = section("8. foreign churn", bench_churn, churn_sizes, 40 if args.quick else 100, 10.0, tmp)
+        oc = section("9. one CIDR at scale", bench_one_cidr_scale,
+                     given or ([1000, 10000] if args.quick else [1000, 60000, 1000000]), 10 if args.quick else 40, tmp)
+        rl = section("10. repair under commits", bench_repair_load, 1000, 25000, 25.0, 20, tmp)
+        lc = section("11. listening cost", bench_listen_cost, 1000, 25000, 2 if args.quick else 5, tmp)
     finally:
         for p in DAEMONS:
             p.kill()
@@ -1136,7 +816,7 @@ def main():
                           f"Generated by `scripts/bench.py --only {args.only}{' --quick' if args.quick else ''}` "
                           f"on {started} in {time.time() - t0:.0f} s.\n", *report_machine(m),
                           *(report_datapath(dp, big, guard) if dp else []),
-                          *report_legacy_drift(ld)]) + "\n"
+                          *report_legacy_drift(ld), *follow_reports(sc, ch, oc, rl, lc)]) + "\n"
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)
@@ -1146,6 +826,7 @@ def main():
         return
     text = report(m, full, sizes, one, big, drift, dp, big, guard, foot, big, args, started, time.time() - t0)
     text += "\n".join(report_legacy_drift(ld)) + "\n"
+    text += "\n".join(follow_reports(sc, ch, oc, rl, lc)) + "\n"
     if os.path.exists(args.notes):
         with open(args.notes) as f:
             text += "\n" + f.read()

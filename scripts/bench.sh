@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (scripts/bench.py) and writes BENCHMARKS.md. As root; private network
-# namespaces only. Pass --quick for a smoke run; --only datapath --out FILE for that section alone.
+# namespaces only. Pass --quick for a smoke run (with --sizes 1000,10000 for the scaling sections
+# 7-9); --only SECTION --out FILE for one section alone (`python3 scripts/bench.py --help` lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
