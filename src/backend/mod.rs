@@ -178,6 +178,10 @@ pub trait Driver {
     /// read (the nft driver: large sets, replaced whole). `plan` and `status` never call it.
     fn will_apply(&mut self, _policy: &Policy) {}
 
+    /// Told before [`Driver::facts`] whether detection will look at rule counts at all (not
+    /// when `backend.mode` forces a backend): a driver may then leave them uncounted.
+    fn counts_needed(&mut self, _needed: bool) {}
+
     /// The changes that make `observed` match `policy` (this driver's part of it). Pure.
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes;
 
@@ -253,6 +257,9 @@ impl<D: Driver + ?Sized> Driver for &mut D {
     }
     fn will_apply(&mut self, policy: &Policy) {
         (**self).will_apply(policy)
+    }
+    fn counts_needed(&mut self, needed: bool) {
+        (**self).counts_needed(needed)
     }
     fn plan(&self, policy: &Policy, observed: &Observation) -> Changes {
         (**self).plan(policy, observed)

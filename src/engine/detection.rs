@@ -110,6 +110,7 @@ pub fn detect_cached(
             legacy.insert([v4, v6]).clone()
         }
     };
+    nft.counts_needed(mode == config::BackendMode::Auto);
     let mut with_nft = |f: Family, mut facts: Facts| -> Result<Facts> {
         nft.facts(f, &mut facts)?;
         Ok(facts)

@@ -25,6 +25,12 @@ pub struct NftDriver<S: BorrowMut<Socket> = Socket> {
     following: bool,
     /// The counted detection facts per family (`[ipv4, ipv6]`), while followed.
     counted: [Option<Counted>; 2],
+    /// The last counted facts that could no longer be followed (lost notifications around a
+    /// muted commit): used, once, only when counting again is starved by other writers'
+    /// commits interrupting the dump.
+    stale: [Option<Counted>; 2],
+    /// Whether detection looks at the counts (not in a forced `backend.mode`).
+    counts_needed: bool,
     /// The sets the next observation leaves unread (an apply replaces them whole).
     refill: std::collections::BTreeSet<String>,
 }
@@ -58,6 +64,8 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
             available: true,
             following: false,
             counted: [None, None],
+            stale: [None, None],
+            counts_needed: true,
             refill: Default::default(),
         }
     }
@@ -116,7 +124,17 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
 
     /// Drops the counted facts only (the notifications that follow them were lost).
     pub fn forget_counted(&mut self) {
-        self.counted = [None, None];
+        self.drop_counted();
+    }
+
+    /// The counted facts can no longer be followed: counted again next time (they stay as
+    /// the stale stand-in).
+    fn drop_counted(&mut self) {
+        for i in 0..2 {
+            if let Some(c) = self.counted[i].take() {
+                self.stale[i] = Some(c);
+            }
+        }
     }
 
     /// Drops the set cache only (someone else changed masqd's sets).
@@ -125,15 +143,33 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
     }
 
     /// The counted facts of family `f`: followed ones, else read now (and kept when the
-    /// driver follows and the read saw one generation only).
+    /// driver follows and the read saw one generation only). A following driver counts
+    /// nothing detection will not look at (an empty count stands for it), and falls back to
+    /// its stale counts when other writers' commits keep interrupting the dump.
     fn counted_of(&mut self, f: Family, gen: u32) -> Result<Counted> {
-        if let Some(c) = &self.counted[f.index()] {
+        let i = f.index();
+        if let Some(c) = &self.counted[i] {
             return Ok(c.clone());
         }
+        if self.following && !self.counts_needed {
+            return Ok(Counted::new(gen, &nft::NftFacts::default()));
+        }
         let sock = self.sock.borrow_mut();
-        let c = Counted::new(gen, &nft::counted(sock, f)?);
-        if self.following && nft::genid(sock).ok() == Some(gen) {
-            self.counted[f.index()] = Some(c.clone());
+        let read = match nft::counted(sock, f) {
+            Err(e) if self.following && self.stale[i].is_some() => {
+                tracing::debug!("{e:#}: the last counts stand in until the next reading");
+                return Ok(self.stale[i]
+                    .clone()
+                    .unwrap_or_else(|| Counted::new(gen, &Default::default())));
+            }
+            r => r?,
+        };
+        let c = Counted::new(gen, &read);
+        if self.following {
+            self.stale[i] = Some(c.clone());
+            if nft::genid(sock).ok() == Some(gen) {
+                self.counted[i] = Some(c.clone());
+            }
         }
         Ok(c)
     }
@@ -239,7 +275,7 @@ impl<S: BorrowMut<Socket>> NftDriver<S> {
             .iter()
             .any(|c| matches!(c, Change::RemoveDefaultRule(_)));
         if muted.is_some() && (others || removed) {
-            self.counted = [None, None];
+            self.drop_counted();
         }
         // Someone else committed too: without notifications to say what, the cache cannot be
         // trusted (a follower keeps it unless the notifications were muted meanwhile).
@@ -332,7 +368,11 @@ impl<S: BorrowMut<Socket>> Driver for NftDriver<S> {
 
     fn forget(&mut self) {
         self.cache = None;
-        self.counted = [None, None];
+        self.drop_counted();
+    }
+
+    fn counts_needed(&mut self, needed: bool) {
+        self.counts_needed = needed;
     }
 
     fn records(&self, changes: &Changes) -> Vec<RemovedRule> {
