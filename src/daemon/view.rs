@@ -168,7 +168,7 @@ impl View {
         if !changed {
             return Some(Reloaded::Unchanged);
         }
-        tracing::info!(target: TARGET, "{why}: configuration changed (the CIDR list file)");
+        tracing::info!(target: TARGET, "{why}: configuration changed");
         Some(Reloaded::Changed)
     }
 
