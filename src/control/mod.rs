@@ -15,6 +15,8 @@
 
 pub mod client;
 #[cfg(test)]
+pub(crate) mod scratch;
+#[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};

@@ -4,28 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::client::ask_at;
+use super::scratch::Scratch;
 use super::*;
-
-/// A scratch directory under the system's temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!(
-            "masqd-ctl-{tag}-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn info(netns: u64, state: &Path, config: &Path) -> DaemonInfo {
     DaemonInfo {

@@ -77,6 +77,11 @@ impl SetCache {
     /// no end is an interval reaching the top of the address space.
     fn pair(&self, ops: &[ElemOp]) -> Option<Vec<(String, bool, Range)>> {
         let family = |set: &str| -> Option<Family> { self.sets.get(set)?.family };
+        // A start without its end: the interval reaches the top of the address space.
+        let to_top = |(p, f, start): (&ElemOp, Family, u128)| {
+            let end = f.max();
+            (p.set.clone(), p.add, Range { start, end })
+        };
         let mut out = Vec::new();
         let mut open: Option<(&ElemOp, Family, u128)> = None;
         for op in ops {
@@ -84,16 +89,7 @@ impl SetCache {
             let key = f.addr_from_bytes(&op.key)?;
             match (op.end, open.take()) {
                 (false, prev) => {
-                    if let Some((p, pf, start)) = prev {
-                        out.push((
-                            p.set.clone(),
-                            p.add,
-                            Range {
-                                start,
-                                end: pf.max(),
-                            },
-                        ));
-                    }
+                    out.extend(prev.map(to_top));
                     open = Some((op, f, key));
                 }
                 (true, Some((p, _, start)))
@@ -111,16 +107,7 @@ impl SetCache {
                 (true, _) => return None,
             }
         }
-        if let Some((p, pf, start)) = open {
-            out.push((
-                p.set.clone(),
-                p.add,
-                Range {
-                    start,
-                    end: pf.max(),
-                },
-            ));
-        }
+        out.extend(open.map(to_top));
         Some(out)
     }
 }
