@@ -11,7 +11,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -405,27 +404,6 @@ fn detect_works_without_a_config_file() {
     ns.ok_words("iptables-legacy -t nat -A POSTROUTING -s 10.9.0.0/24 -j MASQUERADE");
     let d = json(&ns.masqd_ok(&none, &state, &["detect", "--json"], 0));
     assert_eq!(d["ipv4"]["backend"], "legacy", "{d}");
-}
-
-/// Runs masqd as user nobody (no capabilities) in the namespace.
-fn as_nobody(ns: &Netns, cfg: &Path, state: &Path, args: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_masqd");
-    let path = nft_variant_path();
-    let mut v = vec![
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "env",
-        &path,
-        bin,
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ];
-    v.extend_from_slice(args);
-    ns.exec(&v)
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -176,26 +176,6 @@ fn status_and_plan_through_the_daemon_equal_the_kernel_read_directly() {
             "{out}"
         );
     }
-}
-
-/// masqd run as uid 65534 in `ns`.
-fn as_nobody(ns: &Netns, cfg: &Path, state: &Path, args: &[&str]) -> Output {
-    let path = nft_variant_path();
-    let mut v = vec![
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-    ];
-    v.extend(["env", &path, env!("CARGO_BIN_EXE_masqd")]);
-    v.extend([
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    v.extend_from_slice(args);
-    ns.exec(&v)
 }
 
 #[test]

@@ -703,3 +703,23 @@ pub fn unix_get(sock: &Path, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut resp).ok()?;
     parse_response(&resp)
 }
+
+/// Runs masqd as user nobody (uid 65534, no capabilities, no groups) in `ns`.
+pub fn as_nobody(ns: &Netns, cfg: &Path, state: &Path, args: &[&str]) -> Output {
+    let path = nft_variant_path();
+    let mut v = vec![
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "env",
+        &path,
+        env!("CARGO_BIN_EXE_masqd"),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    v.extend_from_slice(args);
+    ns.exec(&v)
+}
