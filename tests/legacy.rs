@@ -58,17 +58,7 @@ fn nothing_anywhere_is_nft_and_probing_creates_nothing() {
     }
     let before = tables_names(&ns);
     let path = format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
-    let o = ns.exec(&[
-        "env",
-        &path,
-        env!("CARGO_BIN_EXE_masqd"),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "detect",
-        "--json",
-    ]);
+    let o = ns.masqd_with(&[], &path, &cfg, &state, &["detect", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let d: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(backends(&d), ("nft".into(), "nft".into()));
@@ -250,16 +240,7 @@ fn missing_legacy_binaries_with_legacy_rules_is_a_clear_error() {
     let before_save = legacy_save(&ns, false, None);
     let before_nft = ns.ruleset_text();
     for cmd in ["apply", "detect"] {
-        let o = ns.exec(&[
-            "env",
-            "PATH=/nonexistent",
-            env!("CARGO_BIN_EXE_masqd"),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            cmd,
-        ]);
+        let o = ns.masqd_with(&[], "PATH=/nonexistent", &cfg, &state, &[cmd]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{cmd}: {err}");
         assert!(
@@ -282,16 +263,7 @@ fn missing_legacy_binaries_with_legacy_rules_is_a_clear_error() {
     // Forcing legacy without the binaries is refused too; forcing nft works.
     let dir = TempDir::new();
     let forced = dir.write("l.toml", &format!("{CFG}[backend]\nmode = \"legacy\"\n"));
-    let o = ns.exec(&[
-        "env",
-        "PATH=/nonexistent",
-        env!("CARGO_BIN_EXE_masqd"),
-        "--config",
-        forced.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "apply",
-    ]);
+    let o = ns.masqd_with(&[], "PATH=/nonexistent", &forced, &state, &["apply"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("backend.mode = \"legacy\" but iptables-legacy-save and iptables-legacy-restore not found"), "{err}");

@@ -12,7 +12,7 @@
 
 use rustables::sys;
 
-use crate::backend::TABLE;
+use super::triggers::own_table;
 use crate::backend::{ElemOp, TxnDelta};
 use crate::netlink::Event;
 
@@ -66,8 +66,7 @@ fn touches_own_sets(e: &Event, own_pid: u32) -> bool {
         return false;
     };
     *pid != own_pid
-        && i32::from(*family) == rustables::ProtocolFamily::Inet as i32
-        && table.as_deref() == Some(TABLE)
+        && own_table(*family, table.as_deref())
         && matches!(
             u32::from(*kind),
             sys::NFT_MSG_NEWTABLE
@@ -142,9 +141,7 @@ impl Follow {
         else {
             return;
         };
-        let own_table = i32::from(*family) == rustables::ProtocolFamily::Inet as i32
-            && table.as_deref() == Some(TABLE);
-        if !own_table || *pid == own_pid {
+        if !own_table(*family, table.as_deref()) || *pid == own_pid {
             return;
         }
         if self.open.elements.len() + elements.len() > MAX_OPS {

@@ -103,9 +103,9 @@ impl fmt::Display for Trigger {
 /// own table; to the chain where a broad default rule lives (`POSTROUTING` of `ip nat` /
 /// `ip6 nat`, iptables-nft's tables) or to those tables themselves; a hint chain detection
 /// reads; a table deleted anywhere (the rules it held are counted no more). Rule churn in
-/// other chains (kube-proxy's) causes no work: whether it moves a family's rule count across
-/// zero, which can change the backend, is [`super::follow::Follow`]'s to tell. Lost
-/// notifications always count.
+/// other chains (kube-proxy's) causes no work: the rule counts it moves are followed by
+/// [`super::follow::Follow`] and decide a backend only while masqd's own policy is in neither.
+/// Lost notifications always count.
 pub fn relevant(e: &Event, own_pid: u32) -> bool {
     let (kind, family, pid, table, name) = match e {
         Event::Change {
@@ -119,10 +119,7 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
         // Elements of masqd's sets changed by someone else: a repair.
         Event::Elements {
             family, pid, table, ..
-        } => {
-            let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
-            return *pid != own_pid && inet && table.as_deref() == Some(TABLE);
-        }
+        } => return *pid != own_pid && own_table(*family, table.as_deref()),
         Event::Overrun => return true,
         Event::Generation { .. } => return false,
     };
@@ -130,7 +127,6 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
         return false;
     }
     let nat_family = *family == Family::V4.nfproto() || *family == Family::V6.nfproto();
-    // `table inet masqd`: masqd's own table is of the inet family.
     let inet = i32::from(*family) == ProtocolFamily::Inet as i32;
     let kind = u32::from(*kind);
     let chain_or_rule = matches!(
@@ -141,7 +137,7 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
     // A message without the name it should carry is taken as concerning masqd.
     let named = |want: &[&str]| name.as_deref().is_none_or(|n| want.contains(&n));
     match table.as_deref() {
-        Some(TABLE) if inet => true,
+        t if own_table(*family, t) => true,
         _ if kind == NFT_MSG_DELTABLE && (nat_family || inet) => true,
         _ if chain && nat_family && name.is_some() && named(&HINT_CHAINS) => true,
         Some("nat") if nat_family => match kind {
@@ -150,6 +146,11 @@ pub fn relevant(e: &Event, own_pid: u32) -> bool {
         },
         _ => false,
     }
+}
+
+/// Whether a notification's family and table are masqd's own: `table inet masqd`.
+pub(super) fn own_table(family: u8, table: Option<&str>) -> bool {
+    i32::from(family) == ProtocolFamily::Inet as i32 && table == Some(TABLE)
 }
 
 /// Lost nftables notifications (`ENOBUFS` on the event socket, or an error reading it): a full
@@ -317,28 +318,30 @@ mod tests {
         );
     }
 
+    /// Every trigger, with the reason its logs show.
+    const REASONS: [(Trigger, &str); 11] = [
+        (Trigger::Start, "start-up"),
+        (Trigger::ConfigChanged, "configuration change"),
+        (Trigger::Reload, "SIGHUP"),
+        (Trigger::NetlinkEvent, "nftables change"),
+        (Trigger::MonitorOverflow, "lost nftables notifications"),
+        (
+            Trigger::MissedEvents,
+            "ruleset changed while masqd was committing",
+        ),
+        (Trigger::LegacyChanged, "legacy xtables change"),
+        (Trigger::LegacyVerify, "verifying masqd's legacy commit"),
+        (Trigger::Resync, "resync"),
+        (Trigger::FullVerify, "full verification"),
+        (Trigger::Retry, "retry"),
+    ];
+
     #[test]
     fn reasons_read_as_before() {
-        let all = [
-            (Trigger::Start, "start-up"),
-            (Trigger::ConfigChanged, "configuration change"),
-            (Trigger::Reload, "SIGHUP"),
-            (Trigger::NetlinkEvent, "nftables change"),
-            (Trigger::MonitorOverflow, "lost nftables notifications"),
-            (
-                Trigger::MissedEvents,
-                "ruleset changed while masqd was committing",
-            ),
-            (Trigger::LegacyChanged, "legacy xtables change"),
-            (Trigger::LegacyVerify, "verifying masqd's legacy commit"),
-            (Trigger::Resync, "resync"),
-            (Trigger::FullVerify, "full verification"),
-            (Trigger::Retry, "retry"),
-        ];
-        for (t, s) in all {
+        for (t, s) in REASONS {
             assert_eq!(t.to_string(), s);
         }
-        let full: Vec<Trigger> = all
+        let full: Vec<Trigger> = REASONS
             .iter()
             .map(|(t, _)| *t)
             .filter(|t| t.reads_all_rules())
@@ -357,20 +360,11 @@ mod tests {
     #[test]
     fn only_nftables_notifications_keep_the_legacy_facts() {
         use Trigger::*;
-        let all = [
-            Start,
-            ConfigChanged,
-            Reload,
-            NetlinkEvent,
-            MonitorOverflow,
-            MissedEvents,
-            LegacyChanged,
-            LegacyVerify,
-            Resync,
-            FullVerify,
-            Retry,
-        ];
-        let kept: Vec<Trigger> = all.into_iter().filter(|t| t.keeps_legacy_facts()).collect();
+        let kept: Vec<Trigger> = REASONS
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| t.keeps_legacy_facts())
+            .collect();
         assert_eq!(kept, [NetlinkEvent, MonitorOverflow, MissedEvents]);
     }
 

@@ -113,11 +113,23 @@ impl Netns {
     /// whose `iptables`/`ip6tables` are the nft variant, so detection's system default is the
     /// same whatever the host's alternatives say.
     pub fn masqd(&self, cfg: &Path, state: &Path, args: &[&str]) -> Output {
+        self.masqd_with(&[], &nft_variant_path(), cfg, state, args)
+    }
+
+    /// Runs `prefix… env PATH=… masqd --config cfg --state-dir state args…` in the namespace
+    /// (`path` is the whole `PATH=…` assignment; `prefix` e.g. a `setpriv` to drop privileges).
+    pub fn masqd_with(
+        &self,
+        prefix: &[&str],
+        path: &str,
+        cfg: &Path,
+        state: &Path,
+        args: &[&str],
+    ) -> Output {
         let bin = env!("CARGO_BIN_EXE_masqd");
-        let cfg = cfg.to_str().unwrap();
-        let state = state.to_str().unwrap();
-        let path = nft_variant_path();
-        let mut v = vec!["env", &path, bin, "--config", cfg, "--state-dir", state];
+        let (cfg, state) = (cfg.to_str().unwrap(), state.to_str().unwrap());
+        let mut v = prefix.to_vec();
+        v.extend(["env", path, bin, "--config", cfg, "--state-dir", state]);
         v.extend_from_slice(args);
         self.exec(&v)
     }
@@ -706,20 +718,11 @@ pub fn unix_get(sock: &Path, path: &str) -> Option<(u16, String)> {
 
 /// Runs masqd as user nobody (uid 65534, no capabilities, no groups) in `ns`.
 pub fn as_nobody(ns: &Netns, cfg: &Path, state: &Path, args: &[&str]) -> Output {
-    let path = nft_variant_path();
-    let mut v = vec![
+    let nobody = [
         "setpriv",
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
-        "env",
-        &path,
-        env!("CARGO_BIN_EXE_masqd"),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
     ];
-    v.extend_from_slice(args);
-    ns.exec(&v)
+    ns.masqd_with(&nobody, &nft_variant_path(), cfg, state, args)
 }

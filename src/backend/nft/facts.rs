@@ -13,26 +13,17 @@ use crate::detect::HINT_CHAINS;
 use crate::netlink::{Event, Socket};
 use crate::policy::Family;
 
-/// What detection needs to know about nftables for one family.
+/// The counted part of what detection needs to know about nftables for one family (whether
+/// masqd's own policy is there is [`own_policy`]).
 #[derive(Debug, Clone, Default)]
 pub struct NftFacts {
     /// Rules in tables of the family, plus inet tables other than masqd's.
     pub rules: usize,
     /// Chains of the family's tables: (family, table, chain).
     pub chains: Vec<(String, String, String)>,
-    /// Whether masqd's table holds the policy of this family (its masquerade rule; the
-    /// guard alone, kept for a legacy family, does not count).
-    pub masqd: bool,
 }
 
-/// Detection facts. Equals `nft -j list ruleset` counted, read over netlink.
-pub fn facts(sock: &mut Socket, f: Family) -> Result<NftFacts> {
-    let mut out = counted(sock, f)?;
-    out.masqd = own_policy(sock, f)?;
-    Ok(out)
-}
-
-/// The counted part of [`facts`]: rules of the family's tables and of inet tables other than
+/// The counted detection facts of family `f` (masqd's own policy is [`own_policy`]): rules of the family's tables and of inet tables other than
 /// masqd's, and the family's chains. Equals `nft -j list ruleset` counted (every rule dumped).
 pub fn counted(sock: &mut Socket, f: Family) -> Result<NftFacts> {
     let mut out = NftFacts::default();

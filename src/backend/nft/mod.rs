@@ -27,7 +27,7 @@ pub mod transaction;
 pub use cache::SetCache;
 pub use decode::{elements_to_ranges, match_default_rule};
 pub use export::export;
-pub use facts::{counted, facts, own_policy, Counted, ElemOp, NftFacts, TxnDelta};
+pub use facts::{counted, own_policy, Counted, ElemOp, NftFacts, TxnDelta};
 pub use observe::{genid, list_ranges, list_rules, observe, KernelRule};
 pub use restore::{
     delete_own_table, own_table_exists, record_of, replayable, restore_rules, Replay,
